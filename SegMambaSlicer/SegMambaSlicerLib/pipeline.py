@@ -1,0 +1,153 @@
+"""The one segmentation pipeline shared by the CLI, the Slicer logic, the worker and batch runs.
+
+Images in (files, DICOM folders or SimpleITK images, one per card channel) → a label map
+out on exactly the first input's voxel grid. Every model-specific choice is read from the
+model card.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from .cards import ModelCard
+from .checkpoints import load_into, load_state_dict_file
+from .devices import resolve_device
+from .errors import CancelledError, CheckpointError, ModelCardError
+from .geometry import direction_matrix, reorder_to, resample_onto, stack_channels
+from .imageio import ImageSource, read_image, resolve_inputs
+from .inference import CancelCallback, ProgressCallback, WindowSettings, count_windows, predict_logits
+from .measure import volumes_ml
+from .networks import build_network
+from .preprocessing import preprocess
+
+log = logging.getLogger("SegMambaSlicerLib")
+
+
+@dataclass
+class SegmentOptions:
+    """Per-run choices; ``None`` means "use the card's value"."""
+
+    device: str = "auto"
+    weights: str | Path | None = None
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    tta: bool = False
+    mixed_precision: bool = True
+    scan_backend: str | None = None
+
+
+@dataclass
+class SegmentationResult:
+    """A label map on the input grid plus what produced it."""
+
+    labelmap: sitk.Image
+    card: ModelCard
+    device: str
+    seconds: float
+    windows: int
+    volumes: dict[str, float] = field(default_factory=dict)
+
+
+def window_settings(card: ModelCard, options: SegmentOptions) -> WindowSettings:
+    """Merge the card's sliding-window settings with per-run overrides."""
+    inf = card.inference
+    overlap = inf.overlap if options.overlap is None else float(options.overlap)
+    if not 0.0 <= overlap < 1.0:
+        raise ModelCardError(f"Overlap must be at least 0 and below 1; got {overlap}.")
+    return WindowSettings(
+        roi_size=inf.roi_size,
+        overlap=overlap,
+        sw_batch_size=max(1, options.sw_batch_size or inf.sw_batch_size),
+        blend_mode=inf.blend_mode,
+        sigma_scale=inf.sigma_scale,
+        mirror_axes=inf.mirror_axes if options.tta else (),
+    )
+
+
+def load_network(card: ModelCard, weights: str | Path | None, device: torch.device) -> nn.Module:
+    """Build the card's network, load its weights strictly, and put it in eval mode on ``device``."""
+    path = Path(weights).expanduser() if weights else card.weights_path()
+    if path is None:
+        hint = card.weights.instructions or "Provide a weights file."
+        raise CheckpointError(f"No weights for {card.display_name}. {hint}")
+    network = build_network(card.architecture, **card.architecture_kwargs)
+    load_into(network, load_state_dict_file(path), source=f"weights file {path.name}")
+    return network.eval().to(device)
+
+
+def _set_scan_backend(network: nn.Module, backend: str | None) -> None:
+    if backend is None:
+        return
+    from .mixers import set_scan_backend
+
+    set_scan_backend(network, backend)
+
+
+def _check_cancel(cancel: CancelCallback | None) -> None:
+    if cancel is not None and cancel():
+        raise CancelledError("Segmentation cancelled.")
+
+
+def segment(
+    images: Sequence[ImageSource],
+    card: ModelCard,
+    options: SegmentOptions | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    network: nn.Module | None = None,
+) -> SegmentationResult:
+    """Segment one case. ``network`` may be given to reuse a loaded model (it must be in eval mode)."""
+    options = options or SegmentOptions()
+    start = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+    report(0.0, "reading images")
+    sources = resolve_inputs(images, card)
+    loaded = [read_image(s, name=c.display_name) for s, c in zip(sources, card.channels)]
+    reference = loaded[0]
+    on_grid = [reference] + [
+        resample_onto(img, reference, name=c.display_name) for img, c in zip(loaded[1:], card.channels[1:])
+    ]
+    reorder = reorder_to(direction_matrix(reference), card.orientation)
+    data = np.ascontiguousarray(reorder.forward(stack_channels(on_grid)))
+    net_input, box = preprocess(data, card.preprocessing)
+    _check_cancel(cancel)
+
+    device = resolve_device(options.device)
+    if network is None:
+        report(0.0, "loading model")
+        network = load_network(card, options.weights, device)
+    else:
+        network = network.to(device)
+    _set_scan_backend(network, options.scan_backend)
+    settings = window_settings(card, options)
+    _check_cancel(cancel)
+
+    report(0.0, "running the network")
+    logits = predict_logits(
+        network, torch.from_numpy(net_input)[None], settings, device, options.mixed_precision, progress, cancel
+    )
+    if logits.shape[1] != len(card.label_values):
+        raise ModelCardError(
+            f"The network produced {logits.shape[1]} output channels but card {card.id} lists "
+            f"{len(card.label_values)} (background + {len(card.labels)} labels)."
+        )
+    values = np.asarray(card.label_values, dtype=np.uint8)[logits[0].argmax(0).numpy()]
+    full = reorder.inverse(box.paste(values))
+    labelmap = sitk.GetImageFromArray(np.ascontiguousarray(full))
+    labelmap.CopyInformation(reference)
+    seconds = time.perf_counter() - start
+    windows = count_windows(net_input.shape[1:], settings)
+    log.info("segmented with %s on %s in %.1f s (%d windows)", card.id, device, seconds, windows)
+    return SegmentationResult(
+        labelmap=labelmap, card=card, device=str(device), seconds=seconds, windows=windows,
+        volumes=volumes_ml(labelmap, card),
+    )

@@ -1,0 +1,67 @@
+"""Small fixed-weight networks and cards whose outputs are computable by hand (numpy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from SegMambaSlicerLib.cards import ModelCard, card_from_dict
+
+
+def toy_card(channels: int = 2, labels: int = 2, roi: int = 16, **inference: Any) -> ModelCard:
+    """A card for ``channels`` inputs and ``labels`` foreground labels (values 1..labels), tiny windows."""
+    data = {
+        "id": "toy",
+        "display_name": "Toy model",
+        "architecture": {"name": "toy", "kwargs": {}},
+        "channels": [{"key": f"c{i}", "display_name": f"Channel {i}", "synonyms": []} for i in range(channels)],
+        "labels": [
+            {"value": v, "name": f"Label {v}", "color": [v / labels, 0.5, 1 - v / labels]}
+            for v in range(1, labels + 1)
+        ],
+        "regions": [{"name": "ALL", "labels": list(range(1, labels + 1)), "color": [1, 1, 1]}],
+        "inference": {"roi_size": [roi] * 3, "overlap": 0.5, "sw_batch_size": 2, **inference},
+    }
+    return card_from_dict(data)
+
+
+class PointwiseNet(nn.Module):
+    """logits = W·x + b per voxel (a 1×1×1 conv); sliding windows cannot change its output."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(weight.shape[1], weight.shape[0], 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[..., None, None, None])
+            self.conv.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += x.shape[0]
+        return self.conv(x)
+
+
+def pointwise_expected(data: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """argmax over W·x + b for a (C, ...) array (numpy, independent of torch)."""
+    logits = np.tensordot(weight, data.astype(np.float64), axes=([1], [0])) + bias.reshape(-1, *[1] * (data.ndim - 1))
+    return logits.argmax(axis=0)
+
+
+class AxisGradientNet(nn.Module):
+    """Label 1 where channel 0 increases along network array axis ``axis`` (2=z, 3=y, 4=x).
+
+    Used to check orientation: a ramp that increases toward a world direction must give
+    label 1 only if the pipeline presented the array in the card's orientation.
+    """
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.diff(x[:, :1], dim=self.axis, append=x[:, :1].narrow(self.axis, -1, 1))
+        grad = grad + torch.diff(x[:, :1], dim=self.axis, prepend=x[:, :1].narrow(self.axis, 0, 1))
+        return torch.cat([torch.zeros_like(grad), grad], dim=1)
