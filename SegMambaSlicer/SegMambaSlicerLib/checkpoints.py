@@ -40,8 +40,10 @@ def read_checkpoint(path: str | Path) -> Any:
             "(only plain tensors are accepted). Re-save it with torch.save(model.state_dict(), FILE) "
             f"in the environment that trained it. Details: {str(exc).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(
+            f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})."
+        ) from None
 
 
 def _is_state_dict(obj: Any) -> bool:
