@@ -1,0 +1,50 @@
+"""Shared fixtures: a fresh headless MRML scene (slicer-core) per test, and an awkward label-map grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh slicer-core scene with volumes/segmentations logics; skipped when slicer-core is absent."""
+    slicer = pytest.importorskip(
+        "slicer", reason="slicer-core (real MRML without the application) is not installed"
+    )
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the installed 'slicer' package is not slicer-core")
+    from SegMambaSlicerLib.mrml import headless_scene
+
+    with headless_scene() as headless:
+        yield headless
+
+
+def _rotation(angles: tuple[float, float, float]) -> np.ndarray:
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@pytest.fixture
+def oblique_labelmap() -> sitk.Image:
+    """Label map (values 0, 1, 3 and a stray 7) on an oblique, left-handed (flipped), anisotropic grid.
+
+    Label 2 is deliberately absent so that empty segments are exercised; the asymmetric
+    blocks make any axis swap or flip visible.
+    """
+    array = np.zeros((7, 9, 11), dtype=np.uint8)  # (k, j, i)
+    array[1:4, 2:7, 1:5] = 1
+    array[4:6, 1:3, 6:10] = 3
+    array[2, 7, 9] = 3
+    array[6, 0, 0] = 7
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 1.3, 2.9))
+    image.SetOrigin((12.5, -30.25, 41.0))
+    direction = _rotation((0.3, -0.2, 0.5)) @ np.diag([1.0, -1.0, 1.0])
+    image.SetDirection(direction.ravel().tolist())
+    return image

@@ -1,0 +1,54 @@
+"""Static checks: Slicer's build lists every module file; the Qt/slicer import boundaries hold."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "SegMambaSlicer"
+
+
+def _cmake_listed() -> set[str]:
+    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "SegMambaSlicer")
+    return set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, flags=re.MULTILINE))
+
+
+def _shipped_files() -> list[str]:
+    """Files of the module folder that git tracks or would track (build outputs are ignored)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "."],
+        cwd=MODULE, capture_output=True, text=True, check=True,
+    ).stdout
+    return sorted(f for f in out.splitlines() if f != "CMakeLists.txt" and (MODULE / f).exists())
+
+
+def test_every_python_and_resource_file_is_listed_for_slicer_build() -> None:
+    listed = _cmake_listed()
+    missing = [f for f in _shipped_files() if f not in listed]
+    assert not missing, f"add to SegMambaSlicer/CMakeLists.txt: {missing}"
+    stale = [f for f in listed if not (MODULE / f).exists()]
+    assert not stale, f"listed but absent: {stale}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_mrml_adapter_imports_slicer_and_nothing_in_the_lib_imports_qt() -> None:
+    lib = MODULE / "SegMambaSlicerLib"
+    offenders = {
+        str(p.relative_to(lib)): sorted(_imports(p) & {"slicer", "qt", "ctk", "vtk"})
+        for p in lib.rglob("*.py")
+        if _imports(p) & ({"qt", "ctk"} | ({"slicer", "vtk"} if p.name != "mrml.py" else set()))
+    }
+    assert not offenders, offenders
