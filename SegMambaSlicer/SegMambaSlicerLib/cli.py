@@ -72,7 +72,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from .seg_nrrd import write_seg_nrrd
 
         seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else _seg_nrrd_beside(out)
-        print(f"segmentation: {write_seg_nrrd(result.labelmap, card.labels, seg_path)}")
+        written = write_seg_nrrd(result.labelmap, card.labels, seg_path, extra_segments=card.regions)
+        print(f"segmentation: {written}")
     print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
     for name, ml in result.volumes.items():
         print(f"  {name}: {ml:.2f} mL")
