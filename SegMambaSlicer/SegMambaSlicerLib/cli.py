@@ -1,4 +1,4 @@
-"""Command line: ``segmamba-slicer predict|models|phantom``.
+"""Command line: ``segmamba-slicer predict|models|phantom|demo``.
 
 Errors the user can fix print one line and exit non-zero; ``--verbose`` adds the traceback.
 """
@@ -12,21 +12,30 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .cache import BRATS_SHAPE, ENV_VAR
 from .errors import SegMambaError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from .cards import ModelCard
 
 EXIT_USER_ERROR = 1
 EXIT_BUG = 2
 EXIT_CANCELLED = 130
+#: The model the README's main command runs: a small SegMamba trained on phantoms, not for clinical use.
+DEMO_MODEL_ID = "segmamba-demo"
 
 
 class ProgressBar:
     """A one-line text progress bar on stderr with an ETA (redrawn in place on terminals)."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 30) -> None:
+        self.stream, self.width = stream or sys.stderr, width  # looked up now: tests and GUIs swap sys.stderr
         self.start = time.perf_counter()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.last_printed = -1.0
         self.message = ""
 
@@ -89,28 +98,67 @@ def _seg_nrrd_beside(path: Path) -> Path:
     return path.with_name(name + ".seg.nrrd")
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from .cards import builtin_cards
-    from .registry import resolve_model
+def _models_list(args: argparse.Namespace) -> int:
+    from .cache import cache_dir
+    from .registry import all_cards, weights_state
 
-    if args.action == "list":
-        for card in builtin_cards().values():
-            weights = card.weights_path()
-            state = "weights ready" if weights and weights.is_file() else f"weights: {card.weights.kind}"
-            print(f"{card.id:28s} {card.architecture:12s} {state:16s} {card.display_name}")
-        return 0
+    print(f"{'ID':28s} {'ARCHITECTURE':12s} {'WEIGHTS':16s} NAME")
+    for card in all_cards().values():
+        print(f"{card.id:28s} {card.architecture:12s} {weights_state(card):16s} {card.display_name}")
+    print(f"user models and downloads: {cache_dir()} (set {ENV_VAR} to move them)")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from .registry import resolve_model, weights_state
+
     card = resolve_model(args.model)
     print(f"id: {card.id}\nname: {card.display_name}\narchitecture: {card.architecture} {card.architecture_kwargs}")
+    if card.source_path is not None:
+        print(f"card: {card.source_path}")
     print("inputs: " + ", ".join(f"{c.key} ({c.display_name})" for c in card.channels))
     print("labels: " + ", ".join(f"{lab.value}={lab.name}" for lab in card.labels))
     if card.regions:
         print("regions: " + ", ".join(f"{r.name}={'+'.join(map(str, r.labels))}" for r in card.regions))
-    print(f"weights: {card.weights.kind} {card.weights.file or card.weights.url or ''}")
+    print(f"weights: {weights_state(card)} ({card.weights.kind}) {card.weights_path() or card.weights.url or ''}")
+    if card.weights.sha256:
+        print(f"  sha256 {card.weights.sha256}")
     if card.weights.instructions:
         print(f"  {card.weights.instructions}")
     if card.intended_use:
         print(f"intended use: {card.intended_use}")
     return 0
+
+
+def _models_import(args: argparse.Namespace) -> int:
+    from .registry import import_weights
+
+    card = import_weights(args.path, model_id=args.id, display_name=args.name, like=args.like)
+    print(f"imported {card.id}: {card.architecture} {card.architecture_kwargs}")
+    print(f"card: {card.source_path}\nweights: {card.weights_path()} (sha256 {card.weights.sha256})")
+    return 0
+
+
+def _models_download(args: argparse.Namespace) -> int:
+    from .registry import download_weights
+
+    path = download_weights(args.model, progress=None if args.quiet else _DownloadProgress(args.model))
+    print(f"weights of {args.model}: {path}")
+    return 0
+
+
+class _DownloadProgress:
+    """Adapts the downloader's byte counts to :class:`ProgressBar` (sizes in MB)."""
+
+    def __init__(self, name: str) -> None:
+        self.bar = ProgressBar()
+        self.name = name
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total:
+            self.bar(done / total, f"downloading {self.name} ({total / 1e6:.1f} MB)")
+        elif done == 0:
+            self.bar(0.0, f"downloading {self.name} (size not announced)")
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -121,6 +169,78 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main command: a phantom case segmented end to end, offline, with its Dice as a check."""
+    from .imageio import read_image, resolve_inputs, write_image_atomic
+    from .phantom import make_phantom, write_brats_case
+    from .pipeline import SegmentOptions, segment
+    from .report import write_preview_png, write_volumes_csv
+    from .seg_nrrd import write_seg_nrrd
+
+    card = _demo_card(args.model)
+    print(f"model: {card.display_name}" + (f" - {card.intended_use}" if card.intended_use else ""))
+    shape, case_id = tuple(args.shape), f"Phantom-{args.seed:05d}"
+    print(f"generating a synthetic BraTS-like case {'x'.join(map(str, shape))} (seed {args.seed}) ...")
+    case = make_phantom(shape=shape, seed=args.seed)
+    case_dir = write_brats_case(case, args.out / "case", case_id)["seg"].parent
+    inputs = resolve_inputs([case_dir], card)
+    result = segment(inputs, card, SegmentOptions(device=args.device), progress=ProgressBar())
+    out = args.out / "segmentation"
+    written = {
+        "label map": write_image_atomic(result.labelmap, out / "seg.nii.gz"),
+        "segmentation": write_seg_nrrd(result.labelmap, card.labels, out / "seg.seg.nrrd", extra_segments=card.regions),
+        "preview": write_preview_png(read_image(inputs[0]), result.labelmap, card, out / "preview.png"),
+        "volumes": write_volumes_csv(result.volumes, card, out / "volumes.csv"),
+    }
+    print(f"case: {case_dir}")
+    for what, path in written.items():
+        print(f"{what}: {path}")
+    print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
+    print("Dice against the phantom's own labels:")
+    for name, dice in _dice_scores(result.labelmap, case.seg, card).items():
+        print(f"  {name}: {'n/a (absent in both)' if dice is None else f'{dice:.3f}'}")
+    return 0
+
+
+def _demo_card(spec: str) -> ModelCard:
+    """The model the demo runs, with its weights present; the demo model ships separately, so say so."""
+    from .registry import READY, RegistryError, resolve_model, weights_state
+
+    try:
+        card = resolve_model(spec)
+    except RegistryError:
+        if spec != DEMO_MODEL_ID:
+            raise
+        raise RegistryError(
+            f"the demo model is not installed in this checkout (no model card {DEMO_MODEL_ID!r} in "
+            "SegMambaSlicer/Resources/Models); pass another model with --model."
+        ) from None
+    if weights_state(card) != READY:
+        where = card.weights_path() or card.weights.url or "no weights named in its card"
+        raise RegistryError(
+            f"the weights of {card.id} are not installed ({where}); "
+            + (f"run: segmamba-slicer models download {card.id}" if card.weights.kind == "url"
+               else "see: segmamba-slicer models show " + card.id)
+        )
+    return card
+
+
+def _dice_scores(predicted: sitk.Image, reference: sitk.Image, card: ModelCard) -> dict[str, float | None]:
+    """Dice per label and region: 2|P∩R| / (|P| + |R|); None when both are empty."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    pred, ref = sitk.GetArrayViewFromImage(predicted), sitk.GetArrayViewFromImage(reference)
+    groups = [(f"{lab.abbreviation or lab.value} {lab.name}", (lab.value,)) for lab in card.labels]
+    groups += [(f"{region.name} {region.display_name}", region.labels) for region in card.regions]
+    scores: dict[str, float | None] = {}
+    for name, values in groups:
+        p, r = np.isin(pred, values), np.isin(ref, values)
+        total = int(p.sum()) + int(r.sum())
+        scores[name] = 2.0 * int(np.logical_and(p, r).sum()) / total if total else None
+    return scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,12 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("models", help="list or show model cards")
+    p = sub.add_parser("models", help="list, show, import or download models")
     msub = p.add_subparsers(dest="action", required=True)
-    msub.add_parser("list", help="list built-in models")
+    msub.add_parser("list", help="list built-in and user models with the state of their weights").set_defaults(
+        func=_models_list)
     show = msub.add_parser("show", help="show one model card")
     show.add_argument("model", help="card id, card .json or checkpoint")
-    p.set_defaults(func=_cmd_models)
+    show.set_defaults(func=_models_show)
+    imp = msub.add_parser("import", help="validate a checkpoint and register it as a user model")
+    imp.add_argument("path", type=Path, help=".pt/.pth file, or a folder holding one")
+    imp.add_argument("--id", help="id of the new model (default: from the file name)")
+    imp.add_argument("--name", help="display name of the new model")
+    imp.add_argument("--like", metavar="CARD_ID",
+                     help="model whose inputs, labels and pipeline settings the checkpoint uses (default: by inputs)")
+    imp.set_defaults(func=_models_import)
+    download = msub.add_parser("download", help="download a model's weights (checksum-verified, resumable)")
+    download.add_argument("model", help="model id")
+    download.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    download.set_defaults(func=_models_download)
 
     p = sub.add_parser("phantom", help="write a synthetic BraTS-like case (not real anatomy)")
     p.add_argument("out_dir", type=Path)
@@ -158,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155], metavar=("X", "Y", "Z"))
     p.add_argument("--case-id", help="case folder name (default Phantom-<seed>)")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("demo", help="segment a synthetic case with the demo model (offline, no patient data)")
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
+    p.add_argument("--shape", type=int, nargs=3, default=list(BRATS_SHAPE), metavar=("X", "Y", "Z"),
+                   help="grid of the synthetic case (default: BraTS 240 240 155)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--model", "-m", default=DEMO_MODEL_ID, help=f"model id or card .json (default {DEMO_MODEL_ID})")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -106,6 +106,12 @@ def resolve_inputs(inputs: Sequence[ImageSource], card: ModelCard) -> list[Image
     return list(inputs)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write an image so that ``path`` is either absent/old or complete, never half-written."""
     path = Path(path).expanduser()
@@ -117,6 +123,7 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: boo
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, compress)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions of a new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

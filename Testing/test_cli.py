@@ -1,0 +1,224 @@
+"""Command line: ``models list|show|import|download`` and ``demo``, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+from SegMambaSlicerLib import downloads, registry
+from SegMambaSlicerLib.cache import ENV_VAR, downloaded_weights_path
+from SegMambaSlicerLib.cards import builtin_cards, load_card
+from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
+from SegMambaSlicerLib.measure import volumes_ml
+from SegMambaSlicerLib.resources import models_dir
+from SegMambaSlicerLib.seg_nrrd import read_seg_nrrd
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segmamba_v1_tiny.pt"
+BRATS = "segmamba-brats2023"
+PAYLOAD = bytes(range(256)) * 400
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "home"
+    monkeypatch.setenv(ENV_VAR, str(folder))
+    return folder
+
+
+def _one_line_error(text: str) -> str:
+    assert text.startswith("error: ") and text.count("\n") == 1, text
+    return text
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# ---------------------------------------------------------------- models list / show / import
+
+
+def test_models_list_shows_every_model_and_the_cache(home, capsys) -> None:
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert set(rows) == set(builtin_cards())
+    assert "segmamba_v1" in rows[BRATS] and "manual download" in rows[BRATS]
+    assert out.splitlines()[-1].startswith(f"user models and downloads: {home}")
+
+
+def test_unknown_model_is_a_one_line_error(home, capsys) -> None:
+    assert main(["models", "show", "no-such-model"]) == EXIT_USER_ERROR
+    err = _one_line_error(capsys.readouterr().err)
+    assert "No model 'no-such-model'" in err and BRATS in err
+
+
+def test_import_then_list_and_show(home, tmp_path, capsys) -> None:
+    if not FIXTURE.is_file():
+        pytest.skip(f"{FIXTURE} not available (needs ../shared/fixtures)")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(torch.load(FIXTURE, map_location="cpu", weights_only=True)["state_dict"], checkpoint)
+    assert main(["models", "import", str(checkpoint), "--id", "tiny", "--name", "Tiny V1", "--like", BRATS]) == 0
+    assert "imported tiny: segmamba_v1" in capsys.readouterr().out
+    assert main(["models", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny "))
+    assert row.split()[1:3] == ["segmamba_v1", "ready"] and row.endswith("Tiny V1")
+    assert main(["models", "show", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert f"sha256 {hashlib.sha256(checkpoint.read_bytes()).hexdigest()}" in out
+    assert f"card: {home / 'models' / 'tiny' / 'card.json'}" in out
+
+
+def test_import_of_a_file_that_is_not_a_checkpoint_leaves_nothing(home, tmp_path, capsys) -> None:
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"this is not a torch file")
+    assert main(["models", "import", str(bad)]) == EXIT_USER_ERROR
+    assert "weights.pt is not a readable PyTorch checkpoint" in _one_line_error(capsys.readouterr().err)
+    assert _files(home) == []
+
+
+# ---------------------------------------------------------------- models download
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output quiet."""
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Base URL of a 127.0.0.1 server whose /w.pt holds PAYLOAD; no proxy, no retry pauses."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setattr(downloads, "RETRY_BACKOFF_S", 0.0)
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "w.pt").write_bytes(PAYLOAD)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _url_card(home: Path, model_id: str, url: str, sha256: str) -> None:
+    data = json.loads((models_dir() / f"{BRATS}.json").read_text())
+    data.update(id=model_id, weights={"kind": "url", "url": url, "sha256": sha256})
+    path = home / "models" / model_id / "card.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+
+
+def test_download_with_the_right_checksum_registers_the_file(home, served, capsys) -> None:
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    _url_card(home, "remote", f"{served}/w.pt", sha)
+    assert main(["models", "download", "remote"]) == 0
+    captured = capsys.readouterr()
+    target = downloaded_weights_path(sha)
+    assert target.read_bytes() == PAYLOAD
+    assert f"weights of remote: {target}" in captured.out
+    assert "100.0% downloading remote (0.1 MB)" in captured.err  # the progress bar
+    assert main(["models", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("remote "))
+    assert row.split()[2] == "ready"
+
+
+def test_download_with_a_wrong_checksum_leaves_nothing(home, served, capsys) -> None:
+    _url_card(home, "remote", f"{served}/w.pt", hashlib.sha256(b"other bytes").hexdigest())
+    assert main(["models", "download", "remote", "--quiet"]) == EXIT_USER_ERROR
+    err = _one_line_error(capsys.readouterr().err)
+    assert f"has SHA-256 {hashlib.sha256(PAYLOAD).hexdigest()}" in err
+    assert not (home / "weights").exists() or _files(home / "weights") == []
+
+
+def test_download_of_a_manual_card_prints_its_instructions(home, capsys) -> None:
+    card = builtin_cards()[BRATS]
+    assert main(["models", "download", BRATS]) == EXIT_USER_ERROR
+    err = _one_line_error(capsys.readouterr().err)
+    assert card.weights.instructions in err and card.weights.url in err
+    assert f"models import FILE --like {BRATS}" in err
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_without_the_demo_card_says_so(home, monkeypatch, capsys) -> None:
+    cards = {k: v for k, v in builtin_cards().items() if k != "segmamba-demo"}
+    monkeypatch.setattr(registry, "builtin_cards", lambda: cards)
+    assert main(["demo", "--out", str(home / "out")]) == EXIT_USER_ERROR
+    assert "the demo model is not installed in this checkout" in _one_line_error(capsys.readouterr().err)
+
+
+def test_demo_with_missing_weights_says_so(home, capsys) -> None:
+    _url_card(home, "remote", "http://127.0.0.1:9/w.pt", hashlib.sha256(b"x").hexdigest())
+    assert main(["demo", "--model", "remote", "--out", str(home / "out")]) == EXIT_USER_ERROR
+    err = _one_line_error(capsys.readouterr().err)
+    assert "the weights of remote are not installed" in err and "models download remote" in err
+    assert not (home / "out").exists()  # nothing generated before the check
+
+
+@pytest.fixture
+def tiny_card(tmp_path: Path) -> Path:
+    """A BraTS-like card for a small random SegMamba V1 (roi 32) with its weights beside it."""
+    segmamba_v1 = pytest.importorskip("SegMambaSlicerLib.networks.segmamba_v1")
+    kwargs = {"in_chans": 4, "out_chans": 4, "feat_size": [48, 16, 16, 16], "hidden_size": 32}
+    torch.manual_seed(0)
+    torch.save(segmamba_v1.SegMambaV1(**kwargs).state_dict(), tmp_path / "tiny.pt")
+    data = json.loads((models_dir() / f"{BRATS}.json").read_text())
+    data.update(id="tiny-demo", architecture={"name": "segmamba_v1", "kwargs": kwargs},
+                weights={"kind": "file", "file": "tiny.pt"})
+    data["inference"].update(roi_size=[32, 32, 32], sw_batch_size=1)
+    path = tmp_path / "tiny-demo.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_demo_writes_every_output_and_true_dice(tmp_path, tiny_card, capsys) -> None:
+    torch.set_num_threads(2)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--shape", "40", "36", "32", "--seed", "5", "--device", "cpu",
+                 "--model", str(tiny_card)]) == 0
+    printed = capsys.readouterr().out
+    case = out / "case" / "Phantom-00005"
+    result = out / "segmentation"
+    for what, name in (("label map", "seg.nii.gz"), ("segmentation", "seg.seg.nrrd"), ("preview", "preview.png"),
+                       ("volumes", "volumes.csv")):
+        assert f"{what}: {result / name}" in printed
+    assert f"case: {case}" in printed
+
+    seg = sitk.ReadImage(str(result / "seg.nii.gz"))
+    truth = sitk.ReadImage(str(case / "Phantom-00005-seg.nii.gz"))
+    assert seg.GetSize() == (40, 36, 32) and seg.GetOrigin() == truth.GetOrigin()
+    pred, ref = sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(truth)
+    card = load_card(tiny_card)
+    for label in card.labels:  # Dice recomputed from the written files
+        p, r = pred == label.value, ref == label.value
+        total = p.sum() + r.sum()
+        expected = "n/a (absent in both)" if total == 0 else f"{2 * (p & r).sum() / total:.3f}"
+        assert f"  {label.abbreviation} {label.name}: {expected}" in printed
+
+    with open(result / "volumes.csv", newline="") as fh:
+        rows = {row["segment"]: float(row["volume_ml"]) for row in csv.DictReader(fh)}
+    assert rows == pytest.approx(volumes_ml(seg, card), abs=1e-6)
+    nrrd_labels, segments = read_seg_nrrd(result / "seg.seg.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(nrrd_labels), pred)
+    assert [s["name"] for s in segments] == [label.name for label in card.labels]
+    tumour_core, segments = read_seg_nrrd(result / "seg.seg.nrrd", layer=1)  # regions follow, one per layer
+    assert [s["name"] for s in segments] == ["Tumor core (NCR + ET)"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(tumour_core) > 0, np.isin(pred, (1, 3)))
+    with Image.open(result / "preview.png") as png:
+        assert png.format == "PNG"
