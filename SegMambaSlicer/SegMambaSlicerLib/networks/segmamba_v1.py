@@ -1,0 +1,185 @@
+"""SegMamba (V1, MICCAI 2024) re-implemented from the facts in MODELS.md section 2.
+
+Module names, nesting and registration order reproduce the official state dict exactly, so official
+checkpoints load with ``strict=True``. The tri-oriented Mamba runs through :mod:`SegMambaSlicerLib.mixers`,
+hence on any torch device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from monai.networks.blocks.dynunet_block import UnetOutBlock
+from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
+from torch import Tensor, nn
+
+from ..mixers import TriOrientedMamba
+
+__all__ = ["InputSizeError", "SegMambaV1"]
+
+_SPATIAL_DIVISOR = 16  # stem stride 2 and three stride-2 downsamplings
+_HEAD_CHANNELS = 48  # the official output head and decoder1 are hard-coded to 48 channels
+
+
+class InputSizeError(ValueError):
+    """Raised when an input volume's spatial size does not fit the network's down-sampling."""
+
+
+class MambaLayer(nn.Module):
+    """LayerNorm + tri-oriented Mamba over the flattened voxels (last axis fastest), optional residual."""
+
+    def __init__(self, dim: int, nslices: int, residual: bool, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mamba = TriOrientedMamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, nslices=nslices)
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, *spatial = x.shape
+        tokens = x.reshape(batch, channels, -1).transpose(1, 2)
+        out = self.mamba(self.norm(tokens)).transpose(1, 2).reshape(batch, channels, *spatial)
+        return out + x if self.residual else out
+
+
+class GSC(nn.Module):
+    """Gated spatial convolution: two conv branches summed (not multiplied), 1x1 fusion, residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(channels, channels, 3, 1, 1)
+        self.norm = nn.InstanceNorm3d(channels)
+        self.nonliner = nn.ReLU()
+        self.proj2 = nn.Conv3d(channels, channels, 3, 1, 1)
+        self.norm2 = nn.InstanceNorm3d(channels)
+        self.nonliner2 = nn.ReLU()
+        self.proj3 = nn.Conv3d(channels, channels, 1, 1, 0)
+        self.norm3 = nn.InstanceNorm3d(channels)
+        self.nonliner3 = nn.ReLU()
+        self.proj4 = nn.Conv3d(channels, channels, 1, 1, 0)
+        self.norm4 = nn.InstanceNorm3d(channels)
+        self.nonliner4 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.nonliner(self.norm(self.proj(x)))
+        a = self.nonliner2(self.norm2(self.proj2(a)))
+        b = self.nonliner3(self.norm3(self.proj3(x)))
+        return self.nonliner4(self.norm4(self.proj4(a + b))) + x
+
+
+class MlpChannel(nn.Module):
+    """1x1x1 conv MLP (C -> 2C -> C, exact GELU) applied to each skip output; no residual."""
+
+    def __init__(self, hidden_size: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv3d(hidden_size, mlp_dim, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv3d(mlp_dim, hidden_size, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MambaEncoder(nn.Module):
+    """Four stages of (down-sampling, GSC, MambaLayers); each stage's skip output is IN + MLP of its features."""
+
+    def __init__(self, in_chans: int, depths: Sequence[int], dims: Sequence[int], nslices: Sequence[int],
+                 mamba_residual: bool) -> None:
+        super().__init__()
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv3d(in_chans, dims[0], kernel_size=7, stride=2, padding=3))]
+            + [nn.Sequential(nn.InstanceNorm3d(dims[i - 1]), nn.Conv3d(dims[i - 1], dims[i], kernel_size=2, stride=2))
+               for i in range(1, 4)]
+        )
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[MambaLayer(dims[i], nslices[i], mamba_residual) for _ in range(depths[i])])
+            for i in range(4)
+        )
+        self.gscs = nn.ModuleList(GSC(dims[i]) for i in range(4))
+        for i in range(4):
+            self.add_module(f"norm{i}", nn.InstanceNorm3d(dims[i]))
+        self.mlps = nn.ModuleList(MlpChannel(dims[i], 2 * dims[i]) for i in range(4))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outs = []
+        for i in range(4):
+            x = self.stages[i](self.gscs[i](self.downsample_layers[i](x)))
+            outs.append(self.mlps[i](getattr(self, f"norm{i}")(x)))
+        return outs
+
+
+class SegMambaV1(nn.Module):
+    """SegMamba: MambaEncoder (vit) + MONAI UNETR-style residual encoders/decoders, logits at input size.
+
+    ``mamba_residual=False`` gives the variant before 2024-06-05 (no residual around each MambaLayer), which
+    checkpoints of that period expect; the state-dict keys are identical.
+    """
+
+    def __init__(
+        self, in_chans: int = 1, out_chans: int = 13, depths: Sequence[int] = (2, 2, 2, 2),
+        feat_size: Sequence[int] = (48, 96, 192, 384), hidden_size: int = 768, norm_name: str = "instance",
+        res_block: bool = True, spatial_dims: int = 3, nslices: Sequence[int] = (64, 32, 16, 8),
+        mamba_residual: bool = True, **unused_official_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(unused_official_kwargs) - {"drop_path_rate", "layer_scale_init_value", "conv_block"}
+        if unknown:
+            raise TypeError(f"SegMambaV1 got unexpected arguments: {', '.join(sorted(unknown))}")
+        if len(depths) != 4 or len(feat_size) != 4 or len(nslices) != 4:
+            raise ValueError("SegMambaV1 needs exactly 4 stages: depths, feat_size and nslices must have 4 entries")
+        if feat_size[0] != _HEAD_CHANNELS:
+            raise ValueError(f"SegMambaV1 needs feat_size[0] == {_HEAD_CHANNELS} (the official head is hard-coded)")
+        self.vit = MambaEncoder(in_chans, depths, feat_size, nslices, mamba_residual)
+
+        def basic(cin: int, cout: int) -> UnetrBasicBlock:
+            return UnetrBasicBlock(spatial_dims=spatial_dims, in_channels=cin, out_channels=cout, kernel_size=3,
+                                   stride=1, norm_name=norm_name, res_block=res_block)
+
+        def up(cin: int, cout: int) -> UnetrUpBlock:
+            return UnetrUpBlock(spatial_dims=spatial_dims, in_channels=cin, out_channels=cout, kernel_size=3,
+                                upsample_kernel_size=2, norm_name=norm_name, res_block=res_block)
+
+        self.encoder1 = basic(in_chans, feat_size[0])
+        self.encoder2 = basic(feat_size[0], feat_size[1])
+        self.encoder3 = basic(feat_size[1], feat_size[2])
+        self.encoder4 = basic(feat_size[2], feat_size[3])
+        self.encoder5 = basic(feat_size[3], hidden_size)
+        self.decoder5 = up(hidden_size, feat_size[3])
+        self.decoder4 = up(feat_size[3], feat_size[2])
+        self.decoder3 = up(feat_size[2], feat_size[1])
+        self.decoder2 = up(feat_size[1], feat_size[0])
+        self.decoder1 = basic(feat_size[0], feat_size[0])
+        self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=_HEAD_CHANNELS, out_channels=out_chans)
+
+    def _check_input_size(self, spatial: tuple[int, ...]) -> None:
+        """Fail before any work when the size cannot pass the down-sampling or the slice interleave."""
+        advice = "pad or crop the volume, or use a window size that is a multiple of 32 per axis (official: 128)"
+        if any(s % _SPATIAL_DIVISOR for s in spatial):
+            raise InputSizeError(
+                f"SegMamba needs every spatial size to be a multiple of {_SPATIAL_DIVISOR}, got {spatial}; {advice}."
+            )
+        for i, stage in enumerate(self.vit.stages):
+            nslices = stage[0].mamba.nslices
+            grid = [s // 2 ** (i + 1) for s in spatial]
+            if math.prod(grid) % nslices:
+                raise InputSizeError(
+                    f"SegMamba stage {i} sees a {'x'.join(map(str, grid))} grid whose voxel count is not a multiple "
+                    f"of its {nslices} slices (input {spatial}); {advice}."
+                )
+
+    def forward(self, x_in: Tensor) -> Tensor:
+        """(B, in_chans, D, H, W) -> logits (B, out_chans, D, H, W); sizes as checked by _check_input_size."""
+        self._check_input_size(tuple(x_in.shape[2:]))
+        outs = self.vit(x_in)
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(outs[0])
+        enc3 = self.encoder3(outs[1])
+        enc4 = self.encoder4(outs[2])
+        hidden = self.encoder5(outs[3])
+        dec = self.decoder5(hidden, enc4)
+        dec = self.decoder4(dec, enc3)
+        dec = self.decoder3(dec, enc2)
+        dec = self.decoder2(dec, enc1)
+        return self.out(self.decoder1(dec))
