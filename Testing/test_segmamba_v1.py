@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from SegMambaSlicerLib.errors import ModelCardError
 from SegMambaSlicerLib.mixers import set_scan_backend
 from SegMambaSlicerLib.networks import build_network
 from SegMambaSlicerLib.networks.segmamba_v1 import InputSizeError, SegMambaV1
@@ -56,7 +57,7 @@ def test_registry_and_official_constructor_arguments() -> None:
     assert isinstance(model, SegMambaV1) and model.out.conv.conv.out_channels == 3
     with pytest.raises(TypeError, match="bogus"):
         SegMambaV1(bogus=1)
-    with pytest.raises(ValueError, match="48"):
+    with pytest.raises(ModelCardError, match="48"):
         SegMambaV1(feat_size=(32, 64, 128, 256))
 
 

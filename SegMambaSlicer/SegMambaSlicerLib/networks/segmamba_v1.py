@@ -11,20 +11,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from monai.networks.blocks.dynunet_block import UnetOutBlock
-from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
 from ..mixers import TriOrientedMamba
+from .unetr import (
+    InputSizeError,
+    NetworkConfigError,
+    add_unetr_blocks,
+    check_config,
+    check_size_multiple,
+    unetr_decode,
+)
 
 __all__ = ["InputSizeError", "SegMambaV1"]
-
-_SPATIAL_DIVISOR = 16  # stem stride 2 and three stride-2 downsamplings
-_HEAD_CHANNELS = 48  # the official output head and decoder1 are hard-coded to 48 channels
-
-
-class InputSizeError(ValueError):
-    """Raised when an input volume's spatial size does not fit the network's down-sampling."""
 
 
 class MambaLayer(nn.Module):
@@ -127,59 +126,26 @@ class SegMambaV1(nn.Module):
         unknown = set(unused_official_kwargs) - {"drop_path_rate", "layer_scale_init_value", "conv_block"}
         if unknown:
             raise TypeError(f"SegMambaV1 got unexpected arguments: {', '.join(sorted(unknown))}")
-        if len(depths) != 4 or len(feat_size) != 4 or len(nslices) != 4:
-            raise ValueError("SegMambaV1 needs exactly 4 stages: depths, feat_size and nslices must have 4 entries")
-        if feat_size[0] != _HEAD_CHANNELS:
-            raise ValueError(f"SegMambaV1 needs feat_size[0] == {_HEAD_CHANNELS} (the official head is hard-coded)")
+        check_config("SegMamba", depths, feat_size, spatial_dims)
+        if len(nslices) != 4:
+            raise NetworkConfigError(f"SegMamba needs 4 nslices values (one per stage); got {list(nslices)}.")
         self.vit = MambaEncoder(in_chans, depths, feat_size, nslices, mamba_residual)
-
-        def basic(cin: int, cout: int) -> UnetrBasicBlock:
-            return UnetrBasicBlock(spatial_dims=spatial_dims, in_channels=cin, out_channels=cout, kernel_size=3,
-                                   stride=1, norm_name=norm_name, res_block=res_block)
-
-        def up(cin: int, cout: int) -> UnetrUpBlock:
-            return UnetrUpBlock(spatial_dims=spatial_dims, in_channels=cin, out_channels=cout, kernel_size=3,
-                                upsample_kernel_size=2, norm_name=norm_name, res_block=res_block)
-
-        self.encoder1 = basic(in_chans, feat_size[0])
-        self.encoder2 = basic(feat_size[0], feat_size[1])
-        self.encoder3 = basic(feat_size[1], feat_size[2])
-        self.encoder4 = basic(feat_size[2], feat_size[3])
-        self.encoder5 = basic(feat_size[3], hidden_size)
-        self.decoder5 = up(hidden_size, feat_size[3])
-        self.decoder4 = up(feat_size[3], feat_size[2])
-        self.decoder3 = up(feat_size[2], feat_size[1])
-        self.decoder2 = up(feat_size[1], feat_size[0])
-        self.decoder1 = basic(feat_size[0], feat_size[0])
-        self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=_HEAD_CHANNELS, out_channels=out_chans)
+        add_unetr_blocks(self, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims)
 
     def _check_input_size(self, spatial: tuple[int, ...]) -> None:
         """Fail before any work when the size cannot pass the down-sampling or the slice interleave."""
-        advice = "pad or crop the volume, or use a window size that is a multiple of 32 per axis (official: 128)"
-        if any(s % _SPATIAL_DIVISOR for s in spatial):
-            raise InputSizeError(
-                f"SegMamba needs every spatial size to be a multiple of {_SPATIAL_DIVISOR}, got {spatial}; {advice}."
-            )
+        check_size_multiple("SegMamba", spatial)
         for i, stage in enumerate(self.vit.stages):
             nslices = stage[0].mamba.nslices
             grid = [s // 2 ** (i + 1) for s in spatial]
             if math.prod(grid) % nslices:
                 raise InputSizeError(
                     f"SegMamba stage {i} sees a {'x'.join(map(str, grid))} grid whose voxel count is not a multiple "
-                    f"of its {nslices} slices (input {spatial}); {advice}."
+                    f"of its {nslices} slices (input {spatial}); use a window size that is a multiple of 32 per axis "
+                    "(official: 128)."
                 )
 
     def forward(self, x_in: Tensor) -> Tensor:
         """(B, in_chans, D, H, W) -> logits (B, out_chans, D, H, W); sizes as checked by _check_input_size."""
         self._check_input_size(tuple(x_in.shape[2:]))
-        outs = self.vit(x_in)
-        enc1 = self.encoder1(x_in)
-        enc2 = self.encoder2(outs[0])
-        enc3 = self.encoder3(outs[1])
-        enc4 = self.encoder4(outs[2])
-        hidden = self.encoder5(outs[3])
-        dec = self.decoder5(hidden, enc4)
-        dec = self.decoder4(dec, enc3)
-        dec = self.decoder3(dec, enc2)
-        dec = self.decoder2(dec, enc1)
-        return self.out(self.decoder1(dec))
+        return unetr_decode(self, self.encoder1(x_in), self.vit(x_in))

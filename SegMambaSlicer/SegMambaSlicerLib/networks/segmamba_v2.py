@@ -13,22 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
-from SegMambaSlicerLib.errors import InputImageError, ModelCardError
-from SegMambaSlicerLib.mixers import Mamba
+from ..mixers import Mamba
+from .unetr import HEAD_CHANNELS as STEM_CHANNELS
+from .unetr import add_unetr_blocks, check_config, check_size_multiple, unetr_decode
 
-#: The official code hard-codes 48 channels for the Mamba-encoder stem input and the output head.
-STEM_CHANNELS = 48
 #: Stages (0-based) that hold Mamba layers; the shallower ones only have convolution blocks.
 MAMBA_STAGES = (2, 3)
-#: Four stride-2 stages: every spatial size must be a multiple of this.
-SIZE_MULTIPLE = 16
-
-
-class SegMambaConfigError(ModelCardError):
-    """The constructor arguments describe a SegMamba-V2 the official code cannot build."""
 
 
 class ConvBlock(nn.Module):
@@ -175,60 +167,11 @@ class SegMambaV2(nn.Module):
     ) -> None:
         super().__init__()
         del drop_path_rate, layer_scale_init_value, conv_block  # unused upstream as well
-        _check_config(depths, feat_size, spatial_dims)
-        feats = list(feat_size)
-        self.vit = MambaEncoder(depths, feats)
-
-        def basic(cin: int, cout: int) -> UnetrBasicBlock:
-            return UnetrBasicBlock(spatial_dims, cin, cout, 3, 1, norm_name, res_block=res_block)
-
-        def up(cin: int, cout: int) -> UnetrUpBlock:
-            return UnetrUpBlock(spatial_dims, cin, cout, 3, 2, norm_name, res_block=res_block)
-
-        self.encoder1 = basic(in_chans, feats[0])
-        self.encoder2 = basic(feats[0], feats[1])
-        self.encoder3 = basic(feats[1], feats[2])
-        self.encoder4 = basic(feats[2], feats[3])
-        self.encoder5 = basic(feats[3], hidden_size)
-        self.decoder5 = up(hidden_size, feats[3])
-        self.decoder4 = up(feats[3], feats[2])
-        self.decoder3 = up(feats[2], feats[1])
-        self.decoder2 = up(feats[1], feats[0])
-        self.decoder1 = basic(feats[0], feats[0])
-        self.out = UnetOutBlock(spatial_dims, STEM_CHANNELS, out_chans)
+        check_config("SegMamba-V2", depths, feat_size, spatial_dims)
+        self.vit = MambaEncoder(depths, list(feat_size))
+        add_unetr_blocks(self, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        if any(size % SIZE_MULTIPLE for size in x_in.shape[2:]):
-            raise InputImageError(
-                f"SegMamba-V2 needs spatial sizes divisible by {SIZE_MULTIPLE}; got {tuple(x_in.shape[2:])}."
-            )
+        check_size_multiple("SegMamba-V2", x_in.shape[2:])
         enc1 = self.encoder1(x_in)
-        outs = self.vit(enc1)
-        enc2 = self.encoder2(outs[0])
-        enc3 = self.encoder3(outs[1])
-        enc4 = self.encoder4(outs[2])
-        hidden = self.encoder5(outs[3])
-        dec3 = self.decoder5(hidden, enc4)
-        dec2 = self.decoder4(dec3, enc3)
-        dec1 = self.decoder3(dec2, enc2)
-        dec0 = self.decoder2(dec1, enc1)
-        return self.out(self.decoder1(dec0))
-
-
-def _check_config(depths: Sequence[int], feat_size: Sequence[int], spatial_dims: int) -> None:
-    """Reject configurations the official class cannot build, with the reason instead of a shape error."""
-    if spatial_dims != 3:
-        raise SegMambaConfigError(f"SegMamba-V2 is a 3-D network; got spatial_dims={spatial_dims}.")
-    if len(depths) != 4 or len(feat_size) != 4:
-        raise SegMambaConfigError(
-            f"SegMamba-V2 has exactly 4 encoder stages; got depths={list(depths)}, feat_size={list(feat_size)}."
-        )
-    if feat_size[0] != STEM_CHANNELS:
-        raise SegMambaConfigError(
-            f"SegMamba-V2 needs feat_size[0] == {STEM_CHANNELS} (hard-coded in the official stem and output "
-            f"head); got feat_size={list(feat_size)}."
-        )
-    if min(depths) < 1:
-        raise SegMambaConfigError(
-            f"Every SegMamba-V2 stage needs at least one block; got depths={list(depths)}."
-        )
+        return unetr_decode(self, enc1, self.vit(enc1))
