@@ -1,4 +1,4 @@
-"""Command line: ``segmamba-slicer predict|models|phantom|demo``.
+"""Command line: ``segmamba-slicer predict|models|phantom|demo|batch|evaluate``.
 
 Errors the user can fix print one line and exit non-zero; ``--verbose`` adds the traceback.
 """
@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .batch import add_batch_parser
 from .cache import BRATS_SHAPE, ENV_VAR
 from .errors import SegMambaError
+from .metrics import add_evaluate_parser
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--model", "-m", default=DEMO_MODEL_ID, help=f"model id or card .json (default {DEMO_MODEL_ID})")
     p.set_defaults(func=_cmd_demo)
+    add_batch_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 

@@ -31,6 +31,15 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def _sitk_reason(exc: RuntimeError) -> str:
+    """The informative line of a SimpleITK exception (its first line is only a source location)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "ERROR:" in line:
+            return line.split("ERROR:", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
 def read_image(source: ImageSource, name: str = "input") -> sitk.Image:
     """Read one 3-D scalar image as float32 (file or DICOM folder); pass images through."""
     if isinstance(source, sitk.Image):
@@ -42,8 +51,7 @@ def read_image(source: ImageSource, name: str = "input") -> sitk.Image:
         try:
             image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputImageError(f"Cannot read the {name} image {path}: {first}") from None
+            raise InputImageError(f"Cannot read the {name} image {path}: {_sitk_reason(exc)}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(
             f"The {name} image must be a 3-D scalar volume; it has {image.GetDimension()} dimensions and "

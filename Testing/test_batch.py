@@ -1,0 +1,332 @@
+"""Batch segmentation over case folders with a small real SegMamba through the real pipeline.
+
+The network is SegMamba V1 at a tiny width with seeded random weights: its outputs mean nothing
+clinically, but they depend on every input channel, so a mixed-up channel order or a wrong case shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from SegMambaSlicerLib import batch
+from SegMambaSlicerLib.batch import DONE, FAILED, SKIPPED, BatchError, discover_cases, segment_folder
+from SegMambaSlicerLib.cards import load_card
+from SegMambaSlicerLib.errors import CancelledError, DeviceError
+from SegMambaSlicerLib.networks.segmamba_v1 import SegMambaV1
+from SegMambaSlicerLib.phantom import MODALITIES, make_phantom, write_brats_case
+from SegMambaSlicerLib.pipeline import SegmentOptions, segment
+from SegMambaSlicerLib.resources import models_dir
+from toy_models import PointwiseNet
+
+CPU = SegmentOptions(device="cpu")
+GOOD = ("Case-A", "Case-B")
+CORRUPT = "Case-C"
+TINY_KWARGS = {"in_chans": 4, "out_chans": 4, "feat_size": [48, 8, 8, 8], "hidden_size": 16,
+               "depths": [1, 1, 1, 1], "nslices": [16, 8, 4, 2]}
+
+
+@pytest.fixture(scope="module")
+def tiny_card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BraTS card with a tiny SegMamba V1, 32³ windows and seeded random weights saved beside it."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    torch.save(SegMambaV1(**TINY_KWARGS).state_dict(), folder / "tiny.pt")
+    data = json.loads((models_dir() / "segmamba-brats2023.json").read_text(encoding="utf-8"))
+    data.update(id="tiny-segmamba", architecture={"name": "segmamba_v1", "kwargs": TINY_KWARGS},
+                weights={"kind": "file", "file": "tiny.pt"})
+    data["inference"].update(roi_size=[32, 32, 32], sw_batch_size=1)
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two phantom cases in the BraTS 2023 layout and one whose T1c file is not an image."""
+    root = tmp_path_factory.mktemp("cohort")
+    for seed, case_id in enumerate((*GOOD, CORRUPT)):
+        write_brats_case(make_phantom(shape=(40, 36, 24), seed=seed, spacing=(1.0, 1.2, 1.5)), root, case_id)
+    (root / CORRUPT / f"{CORRUPT}-t1c.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(cohort: Path, tiny_card_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One in-process batch over the cohort with previews, recording progress and per-case callbacks."""
+    out = tmp_path_factory.mktemp("out")
+    progress: list[tuple[float, str]] = []
+    finished: list[str] = []
+    result = segment_folder(cohort, out, tiny_card_path, CPU, preview=True,
+                            progress=lambda f, m: progress.append((f, m)),
+                            on_case=lambda r: finished.append(r.case_id))
+    return result, out, progress, finished
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    batch.add_batch_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _pointwise() -> PointwiseNet:
+    """A 4-in, 4-out 1×1×1 convolution: a network that costs nothing, for tests of the batch mechanics."""
+    rng = np.random.default_rng(0)
+    return PointwiseNet(rng.normal(size=(4, 4)), rng.normal(size=4)).eval()
+
+
+def _visible_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_good_cases_are_segmented_and_the_corrupt_case_fails_clearly(first_run, cohort, tiny_card_path) -> None:
+    result, out, _, finished = first_run
+    by_case = {c.case_id: c for c in result.cases}
+    assert [c.case_id for c in result.cases] == [*GOOD, CORRUPT]
+    assert sorted(finished) == [*GOOD, CORRUPT]
+    assert [by_case[c].status for c in GOOD] == [DONE, DONE]
+    failed = by_case[CORRUPT]
+    assert failed.status == FAILED and not result.ok and result.failed == (failed,)
+    assert f"{CORRUPT}-t1c.nii.gz" in failed.error and "Cannot read" in failed.error
+    assert _visible_files(out) == sorted([*(f"{c}.nii.gz" for c in GOOD), *(f"{c}.png" for c in GOOD), "summary.csv"])
+    for case_id in GOOD:
+        reference = sitk.ReadImage(str(cohort / case_id / f"{case_id}-t2w.nii.gz"))
+        labelmap = sitk.ReadImage(str(out / f"{case_id}.nii.gz"))
+        assert labelmap.GetSize() == reference.GetSize()
+        assert np.allclose(labelmap.GetSpacing(), reference.GetSpacing())
+        assert np.allclose(labelmap.GetOrigin(), reference.GetOrigin())
+        assert set(np.unique(sitk.GetArrayViewFromImage(labelmap))) <= {0, 1, 2, 3}
+        assert (out / f"{case_id}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_batch_output_equals_a_direct_run_on_the_channels_in_card_order(first_run, cohort, tiny_card_path) -> None:
+    """Together with the discovery tests (file → channel order) this pins which data reached the network."""
+    _, out, _, _ = first_run
+    files = [cohort / GOOD[0] / f"{GOOD[0]}-{key}.nii.gz" for key in MODALITIES]
+    direct = sitk.GetArrayFromImage(segment(files, load_card(tiny_card_path), CPU).labelmap)
+    assert len(np.unique(direct)) > 1  # not a constant map, so the equality is informative
+    assert np.array_equal(_array(out / f"{GOOD[0]}.nii.gz"), direct)
+
+
+def test_summary_lists_every_case_with_independently_measured_volumes(first_run, cohort) -> None:
+    result, out, _, _ = first_run
+    with open(out / "summary.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["case", "status", "seconds", "device", "windows", "Necrotic tumor core (mL)",
+                             "Peritumoral edema (mL)", "Enhancing tumor (mL)", "TC (mL)", "WT (mL)", "ET (mL)",
+                             "output", "error"]
+    assert [(r["case"], r["status"]) for r in rows] == [(GOOD[0], DONE), (GOOD[1], DONE), (CORRUPT, FAILED)]
+    for row in rows[:2]:
+        image = sitk.ReadImage(str(out / f"{row['case']}.nii.gz"))
+        labels, voxel_ml = sitk.GetArrayFromImage(image), np.prod(image.GetSpacing()) / 1000.0
+        expected = {name: np.isin(labels, values).sum() * voxel_ml for name, values in (
+            ("Necrotic tumor core", [1]), ("Peritumoral edema", [2]), ("Enhancing tumor", [3]),
+            ("TC", [1, 3]), ("WT", [1, 2, 3]), ("ET", [3]))}
+        for name, ml in expected.items():
+            assert float(row[f"{name} (mL)"]) == pytest.approx(ml, abs=1e-6)
+        assert row["device"] == "cpu" and int(row["windows"]) >= 1 and float(row["seconds"]) > 0
+        assert row["output"] == str(out / f"{row['case']}.nii.gz") and row["error"] == ""
+    assert rows[2]["output"] == "" and "Cannot read" in rows[2]["error"]
+    assert [c.case_id for c in result.cases] == [r["case"] for r in rows]
+
+
+def test_progress_covers_cases_and_windows(first_run) -> None:
+    _, _, progress, _ = first_run
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert any("window 1/" in m and m.startswith(f"0/3 cases, {GOOD[0]}") for _, m in progress)
+    assert any(m.startswith(f"2/3 cases, {GOOD[1]}: done") for _, m in progress)
+
+
+def test_rerun_skips_finished_cases_and_exits_non_zero_for_the_failed_one(first_run, cohort, tiny_card_path,
+                                                                          tmp_path, capsys) -> None:
+    _, first_out, _, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".gz", ".png")}
+    args = _parser().parse_args(["batch", str(cohort), str(out), "-m", str(tiny_card_path), "--device", "cpu",
+                                 "--preview", "--quiet"])
+    assert args.func(args) == 1
+    text = capsys.readouterr().out
+    assert "3 cases: 0 segmented, 2 skipped (already done), 1 failed" in text
+    assert f"FAILED {CORRUPT}: " in text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".gz", ".png")} == stamps
+    with open(out / "summary.csv", newline="", encoding="utf-8") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    with open(first_out / "summary.csv", newline="", encoding="utf-8") as fh:
+        before = {r["case"]: r for r in csv.DictReader(fh)}
+    for case_id in GOOD:
+        assert rows[case_id]["status"] == SKIPPED
+        assert rows[case_id]["WT (mL)"] == before[case_id]["WT (mL)"]
+
+
+def test_cpu_workers_give_the_in_process_results(first_run, cohort, tiny_card_path, tmp_path) -> None:
+    _, first_out, _, _ = first_run
+    out = tmp_path / "out"
+    progress: list[str] = []
+    result = segment_folder(cohort, out, tiny_card_path, CPU, devices=["cpu", "cpu"],
+                            progress=lambda f, m: progress.append(m))
+    assert [(c.case_id, c.status, c.device) for c in result.cases] == [
+        (GOOD[0], DONE, "cpu"), (GOOD[1], DONE, "cpu"), (CORRUPT, FAILED, "cpu")]
+    assert "Cannot read" in result.failed[0].error
+    for case_id in GOOD:
+        assert np.array_equal(_array(out / f"{case_id}.nii.gz"), _array(first_out / f"{case_id}.nii.gz"))
+    assert any("window" in m for m in progress)
+
+
+def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort, tiny_card_path, tmp_path) -> None:
+    """SIGKILL while the label map is being written: no file under the output name; the rerun finishes."""
+    source = tmp_path / "in"
+    shutil.copytree(cohort / GOOD[0], source / GOOD[0])
+    out, marker = tmp_path / "out", tmp_path / "writing"
+    script = tmp_path / "slow_batch.py"
+    script.write_text(
+        "import os, sys, time\nimport SimpleITK as sitk\n"
+        "real = sitk.WriteImage\n"
+        "def slow(image, path, *args):\n"
+        "    real(image, path, *args)\n"
+        f"    open({str(marker)!r} + '.tmp', 'w').write(str(path))\n"
+        f"    os.replace({str(marker)!r} + '.tmp', {str(marker)!r})\n"
+        "    time.sleep(300)\n"
+        "sitk.WriteImage = slow\n"
+        "import torch\n"
+        "from SegMambaSlicerLib.batch import segment_folder\n"
+        "from SegMambaSlicerLib.pipeline import SegmentOptions\n"
+        "segment_folder(sys.argv[1], sys.argv[2], sys.argv[3], SegmentOptions(device='cpu'),\n"
+        "               network=torch.nn.Conv3d(4, 4, 1).eval())\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    child = subprocess.Popen([sys.executable, str(script), str(source), str(out), str(tiny_card_path)], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the batch never started writing (exit code {child.poll()})"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    temporary = Path(marker.read_text())
+    assert temporary.parent == out and temporary.name.startswith(f".{GOOD[0]}.nii.gz.") and temporary.exists()
+    assert _visible_files(out) == []
+
+    result = segment_folder(source, out, tiny_card_path, CPU, network=_pointwise())
+    assert [c.status for c in result.cases] == [DONE]
+    assert not temporary.exists()
+    assert _visible_files(out) == [f"{GOOD[0]}.nii.gz", "summary.csv"]
+
+
+def test_cancel_stops_between_cases_and_keeps_the_summary(cohort, tiny_card_path, tmp_path) -> None:
+    out = tmp_path / "out"
+    finished: list[str] = []
+    with pytest.raises(CancelledError):
+        segment_folder(cohort, out, tiny_card_path, CPU, on_case=lambda r: finished.append(r.case_id),
+                       cancel=lambda: bool(finished), network=_pointwise())
+    assert finished == [GOOD[0]]
+    assert _visible_files(out) == [f"{GOOD[0]}.nii.gz", "summary.csv"]
+    with open(out / "summary.csv", newline="", encoding="utf-8") as fh:
+        assert [r["case"] for r in csv.DictReader(fh)] == [GOOD[0]]
+
+
+# ---------------------------------------------------------------- discovery (no network)
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+
+
+def test_brats_layout_discovery_reports_a_missing_channel(tiny_card_path, tmp_path) -> None:
+    card = load_card(tiny_card_path)
+    _touch(tmp_path, *(f"P1/P1-{k}.nii.gz" for k in MODALITIES), *(f"P2/P2-{k}.nii.gz" for k in MODALITIES[:3]),
+           "P1/P1-seg.nii.gz", "notes/readme.txt", ".hidden/x-t2w.nii.gz")
+    cases = discover_cases(tmp_path, card)
+    assert [c.case_id for c in cases] == ["P1", "P2"]
+    assert [p.name for p in cases[0].inputs] == [f"P1-{k}.nii.gz" for k in MODALITIES] and not cases[0].problem
+    assert cases[1].inputs == () and "T1 post-contrast" in cases[1].problem
+    _touch(tmp_path, "out/P1.nii.gz")  # an output folder inside the input folder is not a case
+    assert [c.case_id for c in discover_cases(tmp_path, card)] == ["P1", "P2", "out"]
+    assert [c.case_id for c in discover_cases(tmp_path, card, skip=tmp_path / "out")] == ["P1", "P2"]
+
+
+def test_patterns_find_nnunet_and_brats2021_layouts(tiny_card_path, tmp_path) -> None:
+    card = load_card(tiny_card_path)
+    nnunet = tmp_path / "nnunet"
+    _touch(nnunet, *(f"imagesTs/BRATS_{n:03d}_{i:04d}.nii.gz" for n in (1, 2) for i in range(4)),
+           "labelsTs/BRATS_001.nii.gz", "imagesTs/BRATS_003_0000.nii.gz")
+    cases = discover_cases(nnunet, card, "imagesTs/{case}_{index}.nii.gz")
+    assert [c.case_id for c in cases] == ["BRATS_001", "BRATS_002", "BRATS_003"]
+    assert [p.name for p in cases[1].inputs] == [f"BRATS_002_{i:04d}.nii.gz" for i in range(4)]
+    assert "no file for channel T2-FLAIR" in cases[2].problem
+
+    brats21 = tmp_path / "brats21"
+    names = {"t2": "t2w", "flair": "t2f", "t1": "t1n", "t1ce": "t1c"}  # BraTS 2021 file names → card keys
+    _touch(brats21, *(f"BraTS2021_00000/BraTS2021_00000_{n.upper() if n == 'flair' else n}.nii.gz" for n in names),
+           "BraTS2021_00000/BraTS2021_00000_seg.nii.gz")
+    (case,) = discover_cases(brats21, card, "{case}/{case}_{channel}.nii.gz")
+    assert case.case_id == "BraTS2021_00000" and not case.problem
+    assert [p.name for p in case.inputs] == [
+        "BraTS2021_00000_t2.nii.gz", "BraTS2021_00000_FLAIR.nii.gz", "BraTS2021_00000_t1.nii.gz",
+        "BraTS2021_00000_t1ce.nii.gz"]
+    deep = discover_cases(brats21, card, "**/{case}_{channel}.nii.gz")
+    assert [c.inputs for c in deep] == [case.inputs]
+
+
+def test_bad_patterns_folders_and_devices_are_refused(tiny_card_path, tmp_path) -> None:
+    card = load_card(tiny_card_path)
+    with pytest.raises(BatchError, match=r"\{case\}"):
+        discover_cases(tmp_path, card, "{subject}_{channel}.nii.gz")
+    with pytest.raises(BatchError, match=r"\{channel\} or \{index\}"):
+        discover_cases(tmp_path, card, "{case}.nii.gz")
+    with pytest.raises(BatchError, match="No cases found"):
+        discover_cases(tmp_path, card)
+    with pytest.raises(BatchError, match="does not exist"):
+        discover_cases(tmp_path / "missing", card)
+    with pytest.raises(DeviceError, match="Unknown device"):
+        segment_folder(tmp_path, tmp_path / "out", tiny_card_path, devices=["cpu", "gpu7"])
+
+
+
+class _DeadWorker:
+    """Stands in for a worker process that was killed (e.g. by the out-of-memory killer)."""
+
+    exitcode = -9
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def test_cases_of_a_dead_worker_fail_and_the_batch_ends(tiny_card_path, tmp_path) -> None:
+    """The worker died after starting Case-A: Case-A fails with its exit code, the never-started case too."""
+    card = load_card(tiny_card_path)
+    cases = [batch.Case("Case-A"), batch.Case("Case-B")]
+    runner = batch._Runner(cases, batch._Job(card, CPU, tmp_path, False), tmp_path / "summary.csv", None, None)
+    messages: queue.Queue = queue.Queue()
+    messages.put(("start", 0, "Case-A"))
+    messages.put(("progress", 0, "Case-A", 0.5, "window 1/2"))
+    batch._collect(runner, cases, ["cuda:1"], [_DeadWorker()], messages, None)
+    a, b = runner.ordered()
+    assert (a.status, a.device) == (FAILED, "cuda:1") and "exit code -9" in a.error
+    assert b.status == FAILED and "every worker process stopped" in b.error
+    with open(tmp_path / "summary.csv", newline="", encoding="utf-8") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == [FAILED, FAILED]
