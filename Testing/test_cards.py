@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from SegMambaSlicerLib.cards import builtin_cards, card_from_dict, find_card, load_card, match_channels
 from SegMambaSlicerLib.errors import ModelCardError
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from SegMambaSlicerLib.checkpoints import (
     compare_keys,
     detect_architecture,
@@ -17,6 +15,7 @@ from SegMambaSlicerLib.checkpoints import (
     load_state_dict_file,
 )
 from SegMambaSlicerLib.errors import CheckpointError
+from torch import nn
 
 LISTINGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dicts"
 

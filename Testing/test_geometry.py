@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from SegMambaSlicerLib.errors import InputImageError
 from SegMambaSlicerLib.geometry import direction_matrix, reorder_to, resample_onto
 

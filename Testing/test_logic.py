@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from toy_models import PointwiseNet, toy_card
-
 from SegMambaSlicerLib.errors import InputImageError
 from SegMambaSlicerLib.pipeline import SegmentOptions, segment
+from toy_models import PointwiseNet, toy_card
 
 CPU = SegmentOptions(device="cpu")
 
@@ -65,6 +64,152 @@ def test_logic_reuses_output_node_and_refuses_missing_inputs(mrml_scene) -> None
     logic = SegmentationLogic(mrml_scene.scene)
     first, _ = logic.segment_nodes([node], card, CPU, network=net)
     second, _ = logic.segment_nodes([node], card, CPU, segmentation_node=first, network=net)
-    assert second is first and first.GetSegmentation().GetNumberOfSegments() == 1
+    segmentation = first.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert second is first and names == ["Label 1", "ALL"]  # replaced, not appended
+    assert mrml_scene.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # no scratch node left
     with pytest.raises(InputImageError, match="Select one volume for each input"):
         logic.segment_nodes([None], card, CPU, network=net)
+
+
+# ---------------------------------------------------------------- review: volumes, regions, surfaces
+
+BRATS_LIKE = {"labels": [(1, "Necrosis"), (2, "Edema"), (3, "Enhancing")],
+              "regions": [("TC", "Tumor core", (1, 3)), ("WT", "Whole tumor", (1, 2, 3)), ("ET", "Enhancing", (3,))]}
+
+
+def _brats_like_card():
+    from SegMambaSlicerLib.cards import card_from_dict
+
+    return card_from_dict({
+        "id": "brats-like", "architecture": {"name": "toy"}, "channels": [{"key": "t1"}],
+        "labels": [{"value": v, "name": n, "color": [0.2 * v, 0.5, 0.5]} for v, n in BRATS_LIKE["labels"]],
+        "regions": [{"name": n, "display_name": d, "labels": list(ls), "color": [1, 1, 0]}
+                    for n, d, ls in BRATS_LIKE["regions"]],
+    })
+
+
+def _imported_result(mrml_scene, labelmap: sitk.Image):
+    from SegMambaSlicerLib.logic import SegmentationLogic
+    from SegMambaSlicerLib.measure import volumes_ml
+    from SegMambaSlicerLib.mrml import volume_node_from_image
+    from SegMambaSlicerLib.pipeline import SegmentationResult
+
+    card = _brats_like_card()
+    reference = volume_node_from_image(sitk.Cast(labelmap, sitk.sitkFloat32), mrml_scene.scene, "t1")
+    result = SegmentationResult(labelmap, card, "cpu", 1.0, 1, volumes_ml(labelmap, card))
+    node = SegmentationLogic(mrml_scene.scene).import_result(result, reference)
+    return node, result, reference
+
+
+def test_volumes_table_equals_voxel_counting_on_an_anisotropic_oblique_grid(mrml_scene, oblique_labelmap) -> None:
+    slicer = pytest.importorskip("slicer")
+    from SegMambaSlicerLib.logic import volume_rows
+
+    node, result, reference = _imported_result(mrml_scene, oblique_labelmap)
+    voxel_ml = 0.7 * 1.3 * 2.9 / 1000.0
+    # hand counts of the fixture: label 1 is a 3x5x4 block, label 3 a 2x2x4 block plus one voxel, 7 is unknown
+    expected = {"Necrosis": 60, "Edema": 0, "Enhancing": 17, "Tumor core": 77, "Whole tumor": 77}
+    rows = volume_rows(result)
+    assert [(r.name, r.kind) for r in rows] == [
+        ("Necrosis", "label"), ("Edema", "label"), ("Enhancing", "label"),
+        ("Tumor core", "region"), ("Whole tumor", "region"), ("Enhancing", "region")]
+    for row in rows:
+        assert row.volume_ml == pytest.approx(expected[row.name] * voxel_ml, rel=1e-12)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, row.segment_id, reference)
+        assert int(np.count_nonzero(mask)) * voxel_ml == pytest.approx(row.volume_ml, rel=1e-12)
+    assert [r.segment_id for r in rows][3:] == ["TC", "WT", "ET"]  # the CLI's .seg.nrrd segment IDs
+
+
+def test_display_switches_between_labels_and_regions_and_shows_surfaces(mrml_scene, oblique_labelmap) -> None:
+    from SegMambaSlicerLib.logic import show_regions, show_surfaces
+
+    node, result, _ = _imported_result(mrml_scene, oblique_labelmap)
+    display = node.GetDisplayNode()
+    labels, regions = ["Necrosis", "Edema", "Enhancing"], ["TC", "WT", "ET"]
+
+    def visible(ids):
+        return [bool(display.GetSegmentVisibility(i)) for i in ids]
+
+    assert visible(labels) == [True] * 3 and visible(regions) == [False] * 3  # labels first
+    show_regions(node, result.card, True)
+    assert visible(labels) == [False] * 3 and visible(regions) == [True] * 3
+    show_regions(node, result.card, False)
+    assert visible(labels) == [True] * 3 and visible(regions) == [False] * 3
+    show_surfaces(node, True)
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface") and display.GetVisibility3D()
+    show_surfaces(node, False)
+    assert not display.GetVisibility3D()
+
+
+# ---------------------------------------------------------------- device list, info line, progress
+
+
+def _info(**changes):
+    from SegMambaSlicerLib.logic import GpuInfo, SystemInfo
+
+    base = {"torch_version": "2.5.1+cu124", "cuda_build": "12.4", "gpus": (GpuInfo(0, "NVIDIA RTX 4090", 23.99),),
+            "mps": False, "fused_kernels": None, "nvidia_driver": True}
+    return SystemInfo(**{**base, **changes})
+
+
+def test_device_choices_and_info_line_explain_the_gpu_state() -> None:
+    from SegMambaSlicerLib.logic import describe_system, device_choices
+
+    gpu = _info()
+    assert device_choices(gpu) == [("auto", "Automatic (GPU 0: NVIDIA RTX 4090)"),
+                                   ("cuda:0", "GPU 0: NVIDIA RTX 4090 (24 GB)"),
+                                   ("cpu", "CPU (slow: several minutes per case)")]
+    assert describe_system(gpu) == ("PyTorch 2.5.1+cu124 (CUDA 12.4 build); GPU 0: NVIDIA RTX 4090, 24.0 GB; "
+                                    "fast fused Mamba kernels: yes.")
+    broken = _info(gpus=(), fused_kernels="no CUDA device is available")
+    assert [value for value, _ in device_choices(broken)] == ["auto", "cpu"]
+    assert "built for CUDA but finds no usable NVIDIA GPU" in describe_system(broken)
+    cpu_build = _info(cuda_build=None, gpus=(), fused_kernels="no CUDA", torch_version="2.5.1+cpu")
+    assert "reinstall PyTorch with CUDA" in describe_system(cpu_build)
+    mac = _info(cuda_build=None, gpus=(), mps=True, nvidia_driver=False, fused_kernels="no CUDA")
+    assert device_choices(mac)[0] == ("auto", "Automatic (Apple GPU)") and ("mps", "Apple GPU (MPS)") in device_choices(mac)
+    assert "pure PyTorch scan" in describe_system(mac) and "reinstall" not in describe_system(mac)
+
+
+def test_system_info_probes_this_python() -> None:
+    import torch
+    from SegMambaSlicerLib.logic import system_info
+
+    info = system_info()
+    assert info.torch_version == torch.__version__ and info.cuda_usable == torch.cuda.is_available()
+
+
+def test_progress_clock_estimates_time_left_from_the_window_rate() -> None:
+    from SegMambaSlicerLib.logic import ProgressClock, format_seconds, progress_text
+
+    now = [100.0]
+    clock = ProgressClock(clock=lambda: now[0])
+    assert clock.update(0.0) is None  # reading images
+    now[0] = 130.0
+    assert clock.update(0.0) is None  # loading the model: the rate is measured from here
+    now[0] = 160.0
+    assert clock.update(0.25) == pytest.approx(90.0)  # 30 s for a quarter -> 90 s left
+    now[0] = 190.0
+    assert clock.update(0.5) == pytest.approx(60.0)
+    assert format_seconds(59.2) == "1:00" and format_seconds(3725) == "1:02:05" and format_seconds(-1) == "0:00"
+    assert progress_text("window 20/40", 61.0) == "window 20/40 · about 1:01 left"
+    assert progress_text("loading model", None) == "loading model"
+    assert progress_text("window 40/40", 0.0) == "window 40/40"
+
+
+def test_starting_without_weights_fails_at_once_with_the_cards_instructions(mrml_scene) -> None:
+    import dataclasses
+
+    from SegMambaSlicerLib.errors import CheckpointError
+    from SegMambaSlicerLib.logic import SegmentationLogic
+    from SegMambaSlicerLib.mrml import volume_node_from_image
+
+    node = volume_node_from_image(sitk.GetImageFromArray(np.ones((8, 8, 8), np.float32)), mrml_scene.scene, "t1")
+    card = toy_card(channels=1, labels=1)
+    card = dataclasses.replace(card, weights=dataclasses.replace(card.weights, instructions="Ask the lab for it."))
+    logic = SegmentationLogic(mrml_scene.scene)
+    with pytest.raises(CheckpointError, match="No weights for Toy model. Ask the lab for it."):
+        logic.start_segmentation([node], card, CPU)
+    with pytest.raises(CheckpointError, match="No weights for Toy model at .*missing.pt"):
+        logic.start_segmentation([node], card, SegmentOptions(device="cpu", weights="/nowhere/missing.pt"))

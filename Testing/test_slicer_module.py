@@ -1,7 +1,8 @@
-"""SegMambaSlicer.py outside the application: its self-test and logic facade on a real headless scene.
+"""SegMambaSlicer.py outside the application: its self-tests and logic facade on a real headless scene.
 
-Only the base classes that exist solely in the Slicer application (``qt`` and
-``slicer.ScriptedLoadableModule``) get stand-ins; MRML, slicer.util and our logic are real.
+Only what exists solely in the Slicer application gets stand-ins — ``qt``, the
+``slicer.ScriptedLoadableModule`` base classes and the ``slicer.parameterNodeWrapper`` decorator
+(which imports qt); MRML, slicer.util, the worker and our logic are real.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from pathlib import Path
 import pytest
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "SegMambaSlicer" / "SegMambaSlicer.py"
+
+
+def _load(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _import_module_file(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
@@ -34,15 +42,56 @@ def _import_module_file(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
         setattr(bases, name, type(name, (_Base,), {}))
     bases.ScriptedLoadableModuleTest = _Test
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.WithinRange = lambda low, high: (low, high)
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", bases)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
     monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    spec = importlib.util.spec_from_file_location("SegMambaSlicerModuleUnderTest", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("SegMambaSlicerModuleUnderTest")
 
 
-def test_module_self_test_passes_on_headless_scene(mrml_scene, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_module_self_test_in_process_passes_on_headless_scene(mrml_scene, monkeypatch: pytest.MonkeyPatch) -> None:
     module = _import_module_file(monkeypatch)
-    test = module.SegMambaSlicerTest("test_logic_writes_named_segments_on_input_grid")
-    test.test_logic_writes_named_segments_on_input_grid()
+    test = module.SegMambaSlicerTest("test_logic_writes_named_segments_and_volumes")
+    test.setUp()
+    test.test_logic_writes_named_segments_and_volumes()
+
+
+def _run_worker_self_test(module: types.ModuleType) -> None:
+    torch = pytest.importorskip("torch")
+    test = module.SegMambaSlicerTest("test_background_worker_matches_in_process_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker gets the same count; keeps the shared CPU free
+    try:
+        test.setUp()
+        test.test_background_worker_matches_in_process_run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_module_self_test_background_worker_passes_on_headless_scene(
+    mrml_scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _import_module_file(monkeypatch)
+    monkeypatch.setattr(module, "DEMO_MODEL_ID", "no-such-model")  # the small seeded SegMamba: fast
+    _run_worker_self_test(module)
+
+
+@pytest.mark.slow
+def test_module_self_test_background_worker_with_the_demo_model(mrml_scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _import_module_file(monkeypatch)
+    from SegMambaSlicerLib.cards import builtin_cards
+
+    demo = builtin_cards().get(module.DEMO_MODEL_ID)
+    if demo is None or demo.weights_path() is None or not demo.weights_path().is_file():
+        pytest.skip("the demo model (card and weights) is not installed")
+    _run_worker_self_test(module)
+
+
+def test_module_imports_cleanly_inside_slicer() -> None:
+    """Where Slicer's own Python is running (qt and the scripted-module bases exist), import it as is."""
+    pytest.importorskip("qt", reason="needs 3D Slicer's Python (PythonQt)")
+    pytest.importorskip("slicer.ScriptedLoadableModule", reason="needs the 3D Slicer application")
+    module = _load("SegMambaSlicerImportCheck")
+    assert issubclass(module.SegMambaSlicerTest, unittest.TestCase)

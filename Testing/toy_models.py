@@ -6,9 +6,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from SegMambaSlicerLib.cards import ModelCard, card_from_dict
+from torch import nn
 
 
 def toy_card(channels: int = 2, labels: int = 2, roi: int = 16, **inference: Any) -> ModelCard:

@@ -1,0 +1,295 @@
+"""The background worker: a real child process on a tiny registered SegMamba, streamed, cancelled, crashed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from SegMambaSlicerLib.cards import builtin_cards, card_from_dict, load_card
+from SegMambaSlicerLib.errors import CancelledError, CheckpointError
+from SegMambaSlicerLib.networks import build_network
+from SegMambaSlicerLib.pipeline import SegmentOptions, load_network, segment
+from SegMambaSlicerLib.worker import (
+    WorkerCrashedError,
+    WorkerError,
+    WorkerEvent,
+    WorkerOutOfMemoryError,
+    WorkerProcess,
+    card_to_dict,
+    describe_exit,
+    is_out_of_memory,
+    load_image_npz,
+    parse_event,
+    python_executable,
+    save_image_npz,
+)
+from toy_models import toy_card
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals and a shell script")
+CPU = SegmentOptions(device="cpu")
+# The smallest SegMamba V1 that runs: 48 head channels are fixed, 32^3 windows are the minimum.
+TINY_KWARGS = {"in_chans": 1, "out_chans": 2, "depths": [1, 1, 1, 1], "feat_size": [48, 16, 16, 16],
+               "hidden_size": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_card(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real segmamba_v1 card with seeded weights in a file next to it (the path users take)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(3)
+    torch.save(build_network("segmamba_v1", **TINY_KWARGS).state_dict(), folder / "tiny.pt")
+    card = {
+        "id": "tiny-segmamba", "display_name": "Tiny SegMamba",
+        "architecture": {"name": "segmamba_v1", "kwargs": TINY_KWARGS},
+        "channels": [{"key": "t1", "display_name": "T1"}],
+        "labels": [{"value": 1, "name": "Lesion", "color": [1, 0, 0]}],
+        "inference": {"roi_size": [32, 32, 32], "overlap": 0.5, "sw_batch_size": 1},
+        "weights": {"kind": "file", "file": "tiny.pt"},
+    }
+    (folder / "tiny.json").write_text(json.dumps(card))
+    yield load_card(folder / "tiny.json")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Same thread count as the worker, and no oversubscription of the shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _volume(shape_zyx: tuple[int, int, int], seed: int = 0) -> sitk.Image:
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray((rng.random(shape_zyx) * 100 + 1).astype(np.float32))
+    image.SetSpacing((0.9, 1.1, 1.7))
+    image.SetOrigin((-20.5, 13.25, 7.0))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    return image
+
+
+def _wait_for(worker: WorkerProcess, wanted, timeout: float = 120.0) -> list[WorkerEvent]:
+    """Poll until an event satisfies ``wanted`` (returns all events so far); fails on a timeout."""
+    seen: list[WorkerEvent] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = worker.poll()
+        seen += new
+        if any(wanted(e) for e in new) or worker.finished:
+            return seen
+        time.sleep(0.02)
+    worker.cancel()
+    pytest.fail(f"worker did not report the expected event in {timeout} s; got {[e.kind for e in seen]}")
+
+
+def _group_gone(pgid: int, deadline: float) -> bool:
+    """True once no process of the group is left (killed orphans are reaped by init a moment later)."""
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _fake_python(folder: Path, script: str) -> str:
+    """A stand-in interpreter (shell script) for behaviour a real worker shows only when things go wrong."""
+    path = folder / "python-fake"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_python_executable_finds_pythonslicer_for_the_slicer_application() -> None:
+    files = {Path("/opt/Slicer/bin/PythonSlicer"), Path("/Applications/Slicer.app/Contents/bin/PythonSlicer"),
+             Path("C:/Slicer 5.12/bin/PythonSlicer.exe")}
+
+    def pick(executable: str, platform: str = "linux", which=lambda name: None) -> str:
+        return python_executable(executable, platform, which, lambda p: p in files)
+
+    assert pick("/work/.venv/bin/python3.12") == "/work/.venv/bin/python3.12"
+    assert pick("/opt/Slicer/bin/PythonSlicer") == "/opt/Slicer/bin/PythonSlicer"
+    assert pick("/opt/Slicer/bin/SlicerApp-real") == str(Path("/opt/Slicer/bin/PythonSlicer"))
+    assert pick("/Applications/Slicer.app/Contents/MacOS/Slicer", "darwin") == str(
+        Path("/Applications/Slicer.app/Contents/bin/PythonSlicer"))
+    assert pick("C:/Slicer 5.12/bin/SlicerApp-real.exe", "win32") == str(Path("C:/Slicer 5.12/bin/PythonSlicer.exe"))
+    assert pick("/elsewhere/Slicer", which=lambda name: f"/launcher/{name}") == "/launcher/PythonSlicer"
+    with pytest.raises(WorkerError, match="PythonSlicer"):
+        pick("/elsewhere/Slicer")
+
+
+def test_exit_descriptions_and_out_of_memory_recognition() -> None:
+    assert "out of memory" in describe_exit(-signal.SIGKILL, "linux")
+    assert "segmentation fault" in describe_exit(-signal.SIGSEGV, "linux")
+    assert describe_exit(3, "linux") == "exited with code 3"
+    assert "access violation" in describe_exit(3221225477, "win32")
+    assert "access violation" in describe_exit(-1073741819, "win32")  # the same code, signed
+
+    class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError's name, without importing CUDA
+        pass
+
+    assert is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17 GB)"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_npz_hand_over_keeps_voxels_and_geometry_bit_exact(tmp_path: Path, oblique_labelmap: sitk.Image) -> None:
+    image = sitk.Cast(oblique_labelmap, sitk.sitkFloat32) * 0.1 + 1e-7
+    for original in (image, oblique_labelmap):
+        back = load_image_npz(save_image_npz(original, tmp_path / "x.npz"))
+        assert back.GetPixelID() == original.GetPixelID()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original))
+        assert back.GetSpacing() == original.GetSpacing()
+        assert back.GetOrigin() == original.GetOrigin()
+        assert back.GetDirection() == original.GetDirection()
+
+
+def test_card_to_dict_is_the_inverse_of_card_from_dict() -> None:
+    for card in [*builtin_cards().values(), toy_card(channels=3, labels=2)]:
+        data = json.loads(json.dumps(card_to_dict(card)))  # through JSON, as the job file does
+        assert card_from_dict(data, source_path=card.source_path) == card
+
+
+def test_event_lines_parse_and_stray_output_becomes_log() -> None:
+    event = parse_event('{"event": "progress", "fraction": 0.25, "message": "window 1/4"}\n')
+    assert (event.kind, event.fraction, event.message) == ("progress", 0.25, "window 1/4")
+    assert parse_event("Warning: something printed\n") == WorkerEvent("log", "Warning: something printed")
+    assert parse_event("[1, 2]").kind == "log"
+
+
+# ---------------------------------------------------------------- real child processes
+
+
+def test_worker_streams_progress_and_equals_in_process_run(tiny_card, one_thread) -> None:
+    image = _volume((20, 28, 40))  # 40 voxels along x: two 32-voxel windows at overlap 0.5
+    reported: list[tuple[float, str]] = []
+    worker = WorkerProcess([image], tiny_card, CPU, threads=1)
+    result = worker.run(progress=lambda fraction, message: reported.append((fraction, message)))
+
+    expected = segment([image], tiny_card, CPU)
+    got, want = sitk.GetArrayFromImage(result.labelmap), sitk.GetArrayFromImage(expected.labelmap)
+    assert set(np.unique(want)) == {0, 1}  # the seeded network gives both labels: a real comparison
+    np.testing.assert_array_equal(got, want)
+    for attribute in ("GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(result.labelmap, attribute)() == getattr(image, attribute)()
+    assert result.volumes == pytest.approx(expected.volumes)
+    assert (result.windows, result.device, result.card) == (2, "cpu", tiny_card)
+    fractions = [f for f, _ in reported]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [m for _, m in reported if m.startswith("window")] == ["window 1/2", "window 2/2"]
+    assert not worker.folder.exists()  # temporary inputs and output removed
+
+
+@posix_only
+def test_cancel_kills_the_process_group_within_two_seconds(tiny_card) -> None:
+    worker = WorkerProcess([_volume((96, 96, 96), seed=1)], tiny_card, CPU, threads=1)  # 125 windows
+    worker.start()
+    # Cancel while it imports PyTorch: SIGKILL of the group does not depend on what the child is doing,
+    # and waiting for the network phase would cost seconds of start-up per test run.
+    seen = _wait_for(worker, lambda e: e.kind == "progress" and e.message == "loading PyTorch")
+    time.sleep(0.3)
+    assert not worker.finished, [e.message for e in seen]
+    assert [e.kind for e in seen][0] == "started"
+    start = time.monotonic()
+    worker.cancel()
+    assert time.monotonic() - start < 2.0
+    assert worker.process.poll() is not None
+    assert _group_gone(worker.process.pid, start + 2.0)
+    assert not worker.folder.exists()
+    with pytest.raises(CancelledError):
+        worker.result()
+
+
+def test_error_in_worker_reaches_caller_as_the_same_error(tiny_card, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    options = SegmentOptions(device="cpu", weights=str(broken))
+    with pytest.raises(CheckpointError) as in_process:
+        load_network(tiny_card, broken, torch.device("cpu"))
+    with pytest.raises(CheckpointError) as in_worker:
+        WorkerProcess([_volume((8, 8, 8))], tiny_card, options, threads=1).run()
+    assert str(in_worker.value) == str(in_process.value)
+
+
+@posix_only
+def test_killed_worker_becomes_a_clear_out_of_memory_hint(tiny_card) -> None:
+    worker = WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU)
+    worker.start()
+    _wait_for(worker, lambda e: e.kind == "started")
+    os.kill(worker.process.pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    _wait_for(worker, lambda e: e.kind == "finished", timeout=10)
+    with pytest.raises(WorkerCrashedError, match="killed .*out of memory"):
+        worker.result()
+    assert not worker.folder.exists()
+
+
+@posix_only
+def test_crash_without_report_quotes_the_last_stderr_lines(tiny_card, tmp_path: Path) -> None:
+    python = _fake_python(tmp_path, "echo 'loading CUDA kernels' >&2\necho 'fatal: libcudart.so.12 missing' >&2\nexit 7\n")
+    worker = WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=python)
+    with pytest.raises(WorkerCrashedError) as error:
+        worker.run()
+    assert "exited with code 7" in str(error.value)
+    assert str(error.value).endswith("loading CUDA kernels\nfatal: libcudart.so.12 missing")
+    assert error.value.details == "loading CUDA kernels\nfatal: libcudart.so.12 missing"
+
+
+@posix_only
+def test_reported_out_of_memory_and_internal_errors_keep_their_meaning(tiny_card, tmp_path: Path) -> None:
+    oom = '{"event": "error", "kind": "OutOfMemory", "message": "The computer ran out of memory", "traceback": "T"}'
+    with pytest.raises(WorkerOutOfMemoryError, match="ran out of memory") as error:
+        WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=_fake_python(tmp_path, f"echo '{oom}'\nexit 1\n")).run()
+    assert error.value.details == "T"
+    bug = '{"event": "error", "kind": "InternalError", "message": "KeyError: 0", "traceback": "Traceback ..."}'
+    with pytest.raises(WorkerError, match="The segmentation failed: KeyError: 0") as error:
+        WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=_fake_python(tmp_path, f"echo '{bug}'\nexit 1\n")).run()
+    assert type(error.value) is WorkerError and error.value.details == "Traceback ..."
+
+
+@posix_only
+def test_cancel_also_ends_processes_the_worker_started(tiny_card, tmp_path: Path) -> None:
+    python = _fake_python(tmp_path, "sleep 60 &\necho '{\"event\": \"started\"}'\nwait\n")
+    worker = WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=python)
+    worker.start()
+    _wait_for(worker, lambda e: e.kind == "started", timeout=10)
+    start = time.monotonic()
+    worker.cancel()
+    assert time.monotonic() - start < 2.0
+    assert _group_gone(worker.process.pid, start + 2.0)  # the background sleep was in the group: gone too
+
+
+@posix_only
+def test_leftover_children_holding_the_pipes_do_not_hang_the_caller(tiny_card, tmp_path: Path) -> None:
+    python = _fake_python(tmp_path, "sleep 60 &\nexit 0\n")  # the sleep inherits stdout and stderr
+    start = time.monotonic()
+    with pytest.raises(WorkerCrashedError, match="exited with code 0 before it could report a result"):
+        WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=python).run()
+    assert time.monotonic() - start < 10.0
+
+
+@posix_only
+def test_worker_exits_when_its_parent_goes_away(tiny_card) -> None:
+    worker = WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU)
+    worker.start()
+    _wait_for(worker, lambda e: e.kind == "started")
+    worker.process.stdin.close()  # as if Slicer had crashed (the watch starts once the job is read)
+    assert worker.process.wait(timeout=5) == 3
+    _wait_for(worker, lambda e: e.kind == "finished", timeout=10)
+    with pytest.raises(WorkerCrashedError, match="exited with code 3"):
+        worker.result()
+
