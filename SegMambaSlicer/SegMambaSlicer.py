@@ -550,6 +550,16 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
                                           in_worker=inWorker)
         return node
 
+    def segmentNodeGroups(self, groups, card, options=None, progress=None, cancel=None):
+        """Segment several cases already loaded, e.g. ``[[t2w1, t2f1, t1n1, t1c1], [t2w2, ...]]``; returns nodes."""
+        return [node for node, _ in self.impl.segment_node_groups(groups, card, options, progress, cancel)]
+
+    def segmentFolder(self, inputDir, outputDir, model, options=None, **kwargs):
+        """Segment every case of a folder to files (see docs/batch.md); returns the batch result."""
+        from SegMambaSlicerLib.batch import segment_folder
+
+        return segment_folder(inputDir, outputDir, model, options, **kwargs)
+
     def start(self, inputNodes, card, options=None, segmentationNode=None):
         """Start a background segmentation; poll the returned run, then call :meth:`finish`."""
         return self.impl.start_segmentation(inputNodes, card, options, segmentationNode)

@@ -213,3 +213,25 @@ def test_starting_without_weights_fails_at_once_with_the_cards_instructions(mrml
         logic.start_segmentation([node], card, CPU)
     with pytest.raises(CheckpointError, match="No weights for Toy model at .*missing.pt"):
         logic.start_segmentation([node], card, SegmentOptions(device="cpu", weights="/nowhere/missing.pt"))
+
+
+def test_node_groups_are_segmented_case_by_case_with_overall_progress(mrml_scene) -> None:
+    from SegMambaSlicerLib.logic import SegmentationLogic
+    from SegMambaSlicerLib.mrml import volume_node_from_image
+
+    groups, expected = [], []
+    for size in (10, 14):
+        arr = np.zeros((size, size, size), np.float32)
+        arr[2:-2, 2:-2, 2:-2] = 5.0
+        arr[4:7, 4:7, 4:7] = 40.0
+        groups.append([volume_node_from_image(sitk.GetImageFromArray(arr), mrml_scene.scene, f"case{size}")])
+        expected.append(27)
+    card = toy_card(channels=1, labels=1, roi=8)
+    net = PointwiseNet(np.array([[0.0], [1.0]]), np.array([0.0, -1.0]))
+    seen: list[float] = []
+    out = SegmentationLogic(mrml_scene.scene).segment_node_groups(
+        groups, card, CPU, progress=lambda f, m: seen.append(f), network=net
+    )
+    assert len(out) == 2 and out[0][0] is not out[1][0]
+    assert [int((sitk.GetArrayFromImage(r.labelmap) == 1).sum()) for _, r in out] == expected
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and min(seen) < 0.5 < max(seen)

@@ -294,6 +294,32 @@ class SegmentationLogic:
             result = segment(images, card, options, progress=progress, cancel=cancel, network=network)
         return self.import_result(result, input_nodes[0], segmentation_node), result
 
+    def segment_node_groups(
+        self,
+        groups: Sequence[Sequence[object]],
+        card: ModelCard,
+        options: SegmentOptions | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
+        network: nn.Module | None = None,
+    ) -> list[tuple[object, SegmentationResult]]:
+        """Segment several cases already in the scene, one group of volume nodes per case.
+
+        The network is loaded once and reused; ``progress`` gets the overall fraction over
+        all groups. Each case gets its own new segmentation node.
+        """
+        options = options or SegmentOptions()
+        network = network or self.network_for(card, options)
+        results = []
+        for index, nodes in enumerate(groups):
+
+            def case_progress(fraction: float, message: str, index: int = index) -> None:
+                if progress is not None:
+                    progress((index + fraction) / len(groups), f"case {index + 1}/{len(groups)}: {message}")
+
+            results.append(self.segment_nodes(nodes, card, options, None, case_progress, cancel, network))
+        return results
+
     def start_segmentation(
         self,
         input_nodes: Sequence[object],
