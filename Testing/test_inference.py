@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from toy_models import PointwiseNet
-
 from SegMambaSlicerLib.errors import CancelledError
 from SegMambaSlicerLib.inference import (
     WindowSettings,
     count_windows,
     mirror_flips,
+    nnunet_gaussian,
+    nnunet_steps,
     predict_logits,
     windows_per_axis,
 )
+from toy_models import PointwiseNet
 
 
 @pytest.mark.parametrize(
@@ -58,8 +59,13 @@ def test_mirror_flips_are_identity_plus_all_subsets() -> None:
 def test_progress_is_monotonic_and_reaches_one() -> None:
     net, _, _ = _net()
     seen: list[float] = []
-    predict_logits(net, torch.randn(1, 2, 30, 30, 30), WindowSettings((16,) * 3, 0.5, 2), torch.device("cpu"),
-                   progress=lambda f, m: seen.append(f))
+    predict_logits(
+        net,
+        torch.randn(1, 2, 30, 30, 30),
+        WindowSettings((16,) * 3, 0.5, 2),
+        torch.device("cpu"),
+        progress=lambda f, m: seen.append(f),
+    )
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) > 3
 
 
@@ -68,6 +74,59 @@ def test_cancel_stops_between_windows() -> None:
     settings = WindowSettings((16,) * 3, 0.5, 1)
     total = count_windows((30, 30, 30), settings)
     with pytest.raises(CancelledError):
-        predict_logits(net, torch.randn(1, 2, 30, 30, 30), settings, torch.device("cpu"),
-                       cancel=lambda: net.calls >= 3)
+        predict_logits(
+            net, torch.randn(1, 2, 30, 30, 30), settings, torch.device("cpu"), cancel=lambda: net.calls >= 3
+        )
     assert net.calls == 3 < total
+
+
+# ---------------------------------------------------------------- nnU-Net tiling (MambaClinix)
+
+
+def test_nnunet_steps_hand_cases() -> None:
+    assert nnunet_steps(110, 64, 0.5) == [0, 23, 46]  # nnU-Net's own documented example
+    assert nnunet_steps(64, 64, 0.5) == [0]
+    assert nnunet_steps(100, 50, 1.0) == [0, 50]
+
+
+def test_nnunet_importance_map_peaks_at_the_tile_centre_and_has_no_zeros() -> None:
+    weights = nnunet_gaussian((9, 12, 16))
+    assert weights.max() == 10.0 and weights[4, 6, 8] == 10.0 and weights.min() > 0
+    assert torch.equal(weights, weights.half().float())  # float16 values, as nnU-Net stores them
+
+
+@pytest.mark.parametrize(("shape", "tta"), [((20, 23, 17), False), ((9, 30, 12), True)])
+def test_nnunet_tiling_leaves_a_pointwise_model_unchanged(shape: tuple[int, ...], tta: bool) -> None:
+    """Padding (9 < 16), uneven starts, Gaussian blending and per-window mirroring cancel for W·x + b."""
+    net, weight, bias = _net()
+    x = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(2))
+    settings = WindowSettings((16, 16, 16), 0.5, 3, mirror_axes=(0, 1, 2) if tta else (), tiling="nnunet")
+    logits = predict_logits(net, x, settings, torch.device("cpu"))
+    expected = np.tensordot(weight, x[0].double().numpy(), axes=([1], [0])) + bias[:, None, None, None]
+    assert logits.shape == (1, 3, *shape)
+    np.testing.assert_allclose(logits[0].numpy(), expected, atol=1e-4)
+    assert net.calls == count_windows(shape, settings) * len(mirror_flips(settings.mirror_axes))
+
+
+def test_nnunet_tiling_reports_progress_and_cancels() -> None:
+    net, _, _ = _net()
+    settings = WindowSettings((16,) * 3, 0.5, 1, tiling="nnunet")
+    seen: list[float] = []
+    predict_logits(
+        net,
+        torch.randn(1, 2, 30, 30, 30),
+        settings,
+        torch.device("cpu"),
+        progress=lambda f, m: seen.append(f),
+    )
+    assert (
+        seen == sorted(seen)
+        and seen[-1] == pytest.approx(1.0)
+        and len(seen) == count_windows((30,) * 3, settings)
+    )
+    net.calls = 0
+    with pytest.raises(CancelledError):
+        predict_logits(
+            net, torch.randn(1, 2, 30, 30, 30), settings, torch.device("cpu"), cancel=lambda: net.calls >= 2
+        )
+    assert net.calls == 2

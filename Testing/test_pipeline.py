@@ -8,15 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from toy_models import AxisGradientNet, PointwiseNet, pointwise_expected, toy_card
-
 from SegMambaSlicerLib.errors import InputImageError
 from SegMambaSlicerLib.pipeline import SegmentOptions, segment
+from toy_models import AxisGradientNet, PointwiseNet, pointwise_expected, toy_card
 
 CPU = SegmentOptions(device="cpu")
 
 
-def _image(arr_zyx: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3)) -> sitk.Image:
+def _image(
+    arr_zyx: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None
+) -> sitk.Image:
+    direction = np.eye(3) if direction is None else direction
     img = sitk.GetImageFromArray(arr_zyx.astype(np.float32))
     img.SetSpacing(spacing)
     img.SetOrigin(origin)
@@ -70,7 +72,8 @@ GRIDS = {
     "sagittal_anisotropic": (np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float), (0.9, 1.1, 3.0)),
     "coronal_flipped": (np.array([[-1, 0, 0], [0, 0, 1], [0, -1, 0]], float), (1.2, 1.2, 2.5)),
     "oblique_20deg": (
-        np.array([[np.cos(0.35), -np.sin(0.35), 0], [np.sin(0.35), np.cos(0.35), 0], [0, 0, 1]]) @ np.diag([1, -1, 1]),
+        np.array([[np.cos(0.35), -np.sin(0.35), 0], [np.sin(0.35), np.cos(0.35), 0], [0, 0, 1]])
+        @ np.diag([1, -1, 1]),
         (1.0, 1.5, 2.0),
     ),
 }
@@ -119,7 +122,9 @@ def test_real_file_grids_flipped_anisotropic_oblique(name: str, tmp_path: Path) 
 
 def test_other_channels_are_resampled_physically_onto_the_first() -> None:
     ref = _image(np.ones((10, 12, 14)) * 5, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
-    moving_grid = _image(np.zeros((40, 40, 40)), (0.7, 0.8, 0.9), (-4.0, -3.0, -5.0), np.diag([1.0, 1.0, 1.0]))
+    moving_grid = _image(
+        np.zeros((40, 40, 40)), (0.7, 0.8, 0.9), (-4.0, -3.0, -5.0), np.diag([1.0, 1.0, 1.0])
+    )
     ramp = _world_ramp_like(moving_grid, 0)  # increases toward L; exact under linear interpolation
     net = PointwiseNet(np.array([[0.0, 0.0], [0.0, 1.0]]), np.zeros(2))  # label 1 where z-scored ramp > 0
     result = segment([ref, ramp], toy_card(channels=2, labels=1), CPU, network=net)
@@ -132,14 +137,21 @@ def test_other_channels_are_resampled_physically_onto_the_first() -> None:
 def test_input_images_are_not_modified() -> None:
     arr = np.random.default_rng(0).normal(5, 1, (16, 16, 16)).astype(np.float32)
     img = _image(arr)
-    segment([img], toy_card(channels=1, labels=1), CPU, network=PointwiseNet(np.array([[0.0], [1.0]]), np.zeros(2)))
+    segment(
+        [img],
+        toy_card(channels=1, labels=1),
+        CPU,
+        network=PointwiseNet(np.array([[0.0], [1.0]]), np.zeros(2)),
+    )
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), arr)
 
 
 def test_wrong_number_of_inputs_says_what_is_needed() -> None:
     img = _image(np.ones((8, 8, 8)))
     with pytest.raises(InputImageError, match="needs 2 input images in this order: Channel 0, Channel 1"):
-        segment([img], toy_card(channels=2, labels=1), CPU, network=PointwiseNet(np.zeros((2, 2)), np.zeros(2)))
+        segment(
+            [img], toy_card(channels=2, labels=1), CPU, network=PointwiseNet(np.zeros((2, 2)), np.zeros(2))
+        )
 
 
 def test_case_folder_with_brats_names(tmp_path: Path) -> None:
@@ -159,11 +171,18 @@ def test_case_folder_with_brats_names(tmp_path: Path) -> None:
 def test_case_folder_missing_channel_lists_what_it_found(tmp_path: Path) -> None:
     sitk.WriteImage(_image(np.ones((4, 4, 4))), str(tmp_path / "case-c0.nii.gz"))
     with pytest.raises(InputImageError, match=r"no file for channel Channel 1.*case-c0.nii.gz"):
-        segment([tmp_path], toy_card(channels=2, labels=1), CPU, network=PointwiseNet(np.zeros((2, 2)), np.zeros(2)))
+        segment(
+            [tmp_path],
+            toy_card(channels=2, labels=1),
+            CPU,
+            network=PointwiseNet(np.zeros((2, 2)), np.zeros(2)),
+        )
 
 
 def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti")
     with pytest.raises(InputImageError, match="Cannot read the Channel 0 image"):
-        segment([bad], toy_card(channels=1, labels=1), CPU, network=PointwiseNet(np.zeros((2, 1)), np.zeros(2)))
+        segment(
+            [bad], toy_card(channels=1, labels=1), CPU, network=PointwiseNet(np.zeros((2, 1)), np.zeros(2))
+        )

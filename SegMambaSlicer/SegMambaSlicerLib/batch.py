@@ -472,7 +472,7 @@ def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, 
             raise CancelledError("Batch cancelled.")
         if network is None and not case.problem:
             job = runner.job
-            network = load_network(job.card, job.options.weights, resolve_device(job.options.device))
+            network = load_network(job.card, job.options.weights, resolve_device(job.options.device), job.options.folds)
         runner.finish(run_case(runner.job, case, network, runner.case_progress(case.case_id), cancel))
 
 
@@ -501,7 +501,7 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
     options = dataclasses.replace(job.options, device=device)
     job = dataclasses.replace(job, options=options)
     try:
-        network = load_network(job.card, options.weights, resolve_device(device))
+        network = load_network(job.card, options.weights, resolve_device(device), options.folds)
     except SegMambaError as exc:
         results.put(("fatal", index, f"{device}: {exc}"))
         return

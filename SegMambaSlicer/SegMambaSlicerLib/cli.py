@@ -73,7 +73,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     card = resolve_model(args.model)
     options = SegmentOptions(
         device=args.device, weights=args.weights, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-        tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend,
+        tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend, folds=args.folds,
     )
     progress = None if args.quiet else ProgressBar()
     result = segment(args.input, card, options, progress=progress)
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA instead of fp16 autocast")
     p.add_argument("--scan-backend", choices=["auto", "torch", "fused", "reference"], help="selective-scan backend")
+    p.add_argument("--folds", nargs="+", help="nnU-Net result folders: folds to ensemble (e.g. 0 1 2 or all)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 

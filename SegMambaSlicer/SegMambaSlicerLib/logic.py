@@ -260,9 +260,10 @@ class SegmentationLogic:
         """Load (or reuse) the card's network on the requested device."""
         device = resolve_device(options.device)
         weights = Path(options.weights).expanduser() if options.weights else card.weights_path()
-        key = (card.id, card.architecture, str(weights), str(device))
+        folds = tuple(options.folds) if options.folds else None
+        key = (card.id, card.architecture, str(weights), str(device), folds)
         if key != self._cache_key or self._network is None:
-            self._network = load_network(card, weights, device)
+            self._network = load_network(card, weights, device, options.folds)
             self._cache_key = key
         return self._network
 

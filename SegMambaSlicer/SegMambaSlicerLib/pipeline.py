@@ -2,14 +2,17 @@
 
 Images in (files, DICOM folders or SimpleITK images, one per card channel) → a label map
 out on exactly the first input's voxel grid. Every model-specific choice is read from the
-model card.
+model card. Cards with preprocessing scheme ``nnunet`` (MambaClinix result folders) go through
+nnU-Net's own steps instead of the SegMamba ones: SimpleITK axis order with ``transpose_forward``
+rather than reorientation, plans-driven normalisation and resampling, nnU-Net tiling, fold
+ensembling and nnU-Net's export back to the input grid.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from .imageio import ImageSource, read_image, resolve_inputs
 from .inference import CancelCallback, ProgressCallback, WindowSettings, count_windows, predict_logits
 from .measure import volumes_ml
 from .networks import build_network
-from .preprocessing import preprocess
+from .preprocessing import NNUNET_SCHEME, nnunet_export, preprocess, preprocess_nnunet
 
 log = logging.getLogger("SegMambaSlicerLib")
 
@@ -43,6 +46,7 @@ class SegmentOptions:
     tta: bool = False
     mixed_precision: bool = True
     scan_backend: str | None = None
+    folds: Sequence[str | int] | None = None
 
 
 @dataclass
@@ -70,11 +74,25 @@ def window_settings(card: ModelCard, options: SegmentOptions) -> WindowSettings:
         blend_mode=inf.blend_mode,
         sigma_scale=inf.sigma_scale,
         mirror_axes=inf.mirror_axes if options.tta else (),
+        tiling="nnunet" if card.preprocessing.scheme == NNUNET_SCHEME else "monai",
     )
 
 
-def load_network(card: ModelCard, weights: str | Path | None, device: torch.device) -> nn.Module:
-    """Build the card's network, load its weights strictly, and put it in eval mode on ``device``."""
+def load_network(
+    card: ModelCard,
+    weights: str | Path | None,
+    device: torch.device,
+    folds: Sequence[str | int] | None = None,
+) -> nn.Module:
+    """Build the card's network, load its weights strictly, and put it in eval mode on ``device``.
+
+    For nnU-Net cards ``weights`` may name another result folder and ``folds`` overrides the
+    card's folds; the result is the fold ensemble.
+    """
+    if card.preprocessing.scheme == NNUNET_SCHEME:
+        from .nnunet import load_ensemble, model_for_card
+
+        return load_ensemble(model_for_card(card, weights, folds)).eval().to(device)
     path = Path(weights).expanduser() if weights else card.weights_path()
     if path is None:
         hint = card.weights.instructions or "Provide a weights file."
@@ -97,6 +115,52 @@ def _check_cancel(cancel: CancelCallback | None) -> None:
         raise CancelledError("Segmentation cancelled.")
 
 
+def _read_on_grid(images: Sequence[ImageSource], card: ModelCard) -> list[sitk.Image]:
+    """One image per card channel, every channel on the first one's grid."""
+    sources = resolve_inputs(images, card)
+    loaded = [read_image(s, name=c.display_name) for s, c in zip(sources, card.channels)]
+    reference = loaded[0]
+    return [reference] + [
+        resample_onto(img, reference, name=c.display_name) for img, c in zip(loaded[1:], card.channels[1:])
+    ]
+
+
+def _check_outputs(logits: torch.Tensor, card: ModelCard) -> None:
+    """Softmax models have a background channel; region (sigmoid) models have one channel per region."""
+    expected = len(card.labels) if card.inference.output == "sigmoid_regions" else len(card.label_values)
+    if logits.shape[1] != expected:
+        raise ModelCardError(
+            f"The network produced {logits.shape[1]} output channels but card {card.id} expects {expected} "
+            f"({card.inference.output} with {len(card.labels)} labels)."
+        )
+
+
+Restore = Callable[[np.ndarray], np.ndarray]
+
+
+def _prepare_segmamba(data: np.ndarray, reference: sitk.Image, card: ModelCard) -> tuple[np.ndarray, Restore]:
+    """Reorient to the card's orientation, crop and z-score; the returned function undoes it for logits."""
+    reorder = reorder_to(direction_matrix(reference), card.orientation)
+    net_input, box = preprocess(np.ascontiguousarray(reorder.forward(data)), card.preprocessing)
+
+    def restore(logits: np.ndarray) -> np.ndarray:
+        values = np.asarray(card.label_values, dtype=np.uint8)[logits.argmax(0)]
+        return reorder.inverse(box.paste(values))
+
+    return net_input, restore
+
+
+def _prepare_nnunet(
+    data: np.ndarray, reference: sitk.Image, card: ModelCard, options: SegmentOptions
+) -> tuple[np.ndarray, Restore]:
+    """nnU-Net's preprocessing from the result folder's plans; the returned function is nnU-Net's export."""
+    from .nnunet import model_for_card
+
+    settings = model_for_card(card, options.weights, options.folds).settings
+    net_input, geometry = preprocess_nnunet(data, reference.GetSpacing()[::-1], settings)
+    return net_input, lambda logits: nnunet_export(logits, geometry, settings, card.label_values)
+
+
 def segment(
     images: Sequence[ImageSource],
     card: ModelCard,
@@ -110,21 +174,19 @@ def segment(
     start = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     report(0.0, "reading images")
-    sources = resolve_inputs(images, card)
-    loaded = [read_image(s, name=c.display_name) for s, c in zip(sources, card.channels)]
-    reference = loaded[0]
-    on_grid = [reference] + [
-        resample_onto(img, reference, name=c.display_name) for img, c in zip(loaded[1:], card.channels[1:])
-    ]
-    reorder = reorder_to(direction_matrix(reference), card.orientation)
-    data = np.ascontiguousarray(reorder.forward(stack_channels(on_grid)))
-    net_input, box = preprocess(data, card.preprocessing)
+    on_grid = _read_on_grid(images, card)
+    reference = on_grid[0]
+    data = stack_channels(on_grid)
+    if card.preprocessing.scheme == NNUNET_SCHEME:
+        net_input, restore = _prepare_nnunet(data, reference, card, options)
+    else:
+        net_input, restore = _prepare_segmamba(data, reference, card)
     _check_cancel(cancel)
 
     device = resolve_device(options.device)
     if network is None:
         report(0.0, "loading model")
-        network = load_network(card, options.weights, device)
+        network = load_network(card, options.weights, device, options.folds)
     else:
         network = network.to(device)
     _set_scan_backend(network, options.scan_backend)
@@ -133,21 +195,26 @@ def segment(
 
     report(0.0, "running the network")
     logits = predict_logits(
-        network, torch.from_numpy(net_input)[None], settings, device, options.mixed_precision, progress, cancel
+        network,
+        torch.from_numpy(net_input)[None],
+        settings,
+        device,
+        options.mixed_precision,
+        progress,
+        cancel,
     )
-    if logits.shape[1] != len(card.label_values):
-        raise ModelCardError(
-            f"The network produced {logits.shape[1]} output channels but card {card.id} lists "
-            f"{len(card.label_values)} (background + {len(card.labels)} labels)."
-        )
-    values = np.asarray(card.label_values, dtype=np.uint8)[logits[0].argmax(0).numpy()]
-    full = reorder.inverse(box.paste(values))
+    _check_outputs(logits, card)
+    full = restore(logits[0].numpy())
     labelmap = sitk.GetImageFromArray(np.ascontiguousarray(full))
     labelmap.CopyInformation(reference)
     seconds = time.perf_counter() - start
     windows = count_windows(net_input.shape[1:], settings)
     log.info("segmented with %s on %s in %.1f s (%d windows)", card.id, device, seconds, windows)
     return SegmentationResult(
-        labelmap=labelmap, card=card, device=str(device), seconds=seconds, windows=windows,
+        labelmap=labelmap,
+        card=card,
+        device=str(device),
+        seconds=seconds,
+        windows=windows,
         volumes=volumes_ml(labelmap, card),
     )

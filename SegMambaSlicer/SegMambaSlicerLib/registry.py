@@ -30,6 +30,7 @@ from .checkpoints import DetectedArchitecture, detect_architecture, load_into, l
 from .downloads import CancelCallback, ProgressCallback, download_file
 from .errors import ModelCardError
 from .networks import build_network
+from .nnunet import card_for_nnunet_folder, is_nnunet_model
 
 log = logging.getLogger("SegMambaSlicerLib")
 
@@ -104,8 +105,10 @@ def get_card(model_id: str, cache: PathLike | None = None) -> ModelCard:
 
 
 def resolve_model(spec: PathLike, cache: PathLike | None = None) -> ModelCard:
-    """A card id, a card .json path, or a checkpoint file → a model card with its weights location."""
+    """A card id, a card .json path, a checkpoint file, or an nnU-Net result folder/zip → a model card."""
     path = Path(spec).expanduser()
+    if is_nnunet_model(path):
+        return card_for_nnunet_folder(path, cache=cache)
     if path.suffix.lower() in _CHECKPOINT_SUFFIXES:
         if not path.is_file():
             raise ModelCardError(f"Checkpoint file {path} does not exist.")
