@@ -144,17 +144,6 @@ def test_shape_mismatch_is_reported() -> None:
         selective_scan(**inputs, backend="torch")
 
 
-def test_torch_backend_warns_once_that_it_gives_no_gradients(monkeypatch: pytest.MonkeyPatch,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(ss, "_warned_no_grad", False)
-    inputs = random_inputs(batch=1, d=2, n=2, length=8)
-    inputs["u"].requires_grad_(True)
-    with caplog.at_level(logging.WARNING, logger="SegMambaSlicerLib"):
-        selective_scan(**inputs, backend="torch")
-        selective_scan(**inputs, backend="torch")
-    assert sum("does not propagate gradients" in r.message for r in caplog.records) == 1
-
-
 # ------------------------------------------------------------------ backend selection
 
 

@@ -10,7 +10,11 @@ model runs on CPU, CUDA and MPS alike:
   chunk's end state, a short recurrence over the chunks gives the state entering each chunk, and a second
   pass re-runs the chunks from those states while contracting with C. Decays are formed per step as
   ``exp(delta * A)`` and per chunk as exp of the chunk's (bounded, non-positive) sum of ``delta * A``; there is
-  never an exp of an unbounded cumulative sum, so large ``delta * A`` cannot overflow.
+  never an exp of an unbounded cumulative sum, so large ``delta * A`` cannot overflow. When an input requires
+  grad (and grad mode is on), the same scan runs inside an autograd Function that keeps only the state
+  entering each chunk; its backward recomputes the states block by block, from the end of the sequence, and
+  runs the adjoint recurrence (the state recurrence reversed in time) chunked the same way, so training
+  memory stays at a few (batch, L, d) tensors per call. Under ``torch.no_grad()`` nothing is kept.
 * ``"fused"``: the mamba-ssm / causal-conv1d CUDA kernels, imported lazily so that a missing or broken
   install never breaks importing this package.
 * ``"reference"``: the plain per-token recurrence in float64, for tests only.
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -54,6 +59,7 @@ _CPU_SLICE_BYTES = 4 * 2**20
 _ACCEL_SLICE_BYTES = 32 * 2**20
 _CARRY_LOOP_MAX = 64  # chunk-carry recurrences up to this length run step by step
 _CARRY_GROUP = 16
+_GRAD_SLICE_DIVISOR = 8  # backward slices: 1/8 of the forward's, since a block keeps 2 * chunk + 1 of them
 _LOG2E = 1.4426950408889634
 
 
@@ -77,7 +83,6 @@ class _FusedOps:
 
 _fused_ops: _FusedOps | None = None
 _logged_choices: set[str] = set()
-_warned_no_grad = False
 _IMPORT_FAILURES = (ImportError, OSError, RuntimeError, AttributeError)
 
 
@@ -183,8 +188,7 @@ def causal_conv1d(
 def _causal_conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Causal depthwise conv on token-major x (batch, L, d) by shifted multiply-adds; returns (batch, L, d)."""
     length, kernel = x.shape[1], weight.shape[-1]
-    y = torch.empty(x.shape, dtype=torch.result_type(x, weight), device=x.device)
-    torch.mul(x, weight[:, -1], out=y)
+    y = torch.mul(x, weight[:, -1])  # not out=: autograd follows this and the in-place slice updates below
     if bias is not None:
         y.add_(bias)
     for k in range(kernel - 1):
@@ -217,6 +221,7 @@ def selective_scan(
     delta_bias: (d,). Computes ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``,
     ``y_t = C_t . h_t + D u_t``, then ``y * silu(z)`` when z is given. Always computes in float32 (float64 for
     the reference backend); returns ``out`` in u's dtype, plus the last state (batch, d, N) float32 if asked.
+    Every backend is differentiable with respect to all tensor arguments (and the last state).
     """
     B, C = _squeeze_group(B, "B"), _squeeze_group(C, "C")
     _check_shapes(u, delta, A, B, C)
@@ -228,7 +233,10 @@ def selective_scan(
         )
     if name == "reference":
         return _selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    _warn_if_gradients_requested(u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z,
+                                                                                    delta_bias)):
+        out, last = _selective_scan_differentiable(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last) if return_last_state else out
     with torch.no_grad():
         # token-major (batch, L, channels) views: the mixers produce that memory layout, so no copies here
         y, last = _scan_torch(
@@ -261,17 +269,28 @@ def _selective_scan_reference(
     return (out, last.float()) if return_last_state else out
 
 
-def _warn_if_gradients_requested(*tensors: Tensor | None) -> None:
-    """The chunked scan updates its buffers in place and is inference-only; say so once instead of failing."""
-    global _warned_no_grad
-    if _warned_no_grad or not torch.is_grad_enabled():
-        return
-    if any(t is not None and t.requires_grad for t in tensors):
-        _warned_no_grad = True
-        logger.warning(
-            "The 'torch' selective-scan backend does not propagate gradients (inference only); "
-            "run models under torch.no_grad(), or use the 'fused' (CUDA) or 'reference' backend for training."
-        )
+def _selective_scan_differentiable(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, softplus: bool, dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """The torch backend with gradients: per-token terms through autograd, the recurrence via ``_ChunkedScan``.
+
+    Autograd keeps a few (batch, L, d) intermediates, as any layer does, but never the (batch, L, N, d)
+    states: the scan keeps one state per chunk and recomputes the rest during backward. ``dtype`` is float32
+    from the public API (float64 only in gradient checks). Returns out (u's dtype) and the last state.
+    """
+    u_t = u.transpose(1, 2).to(dtype)
+    dt = delta.transpose(1, 2).to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)
+    if softplus:
+        dt = F.softplus(dt)
+    y, last = _ChunkedScan.apply(u_t, dt, A.to(dtype), B.transpose(1, 2).to(dtype), C.transpose(1, 2).to(dtype))
+    if D is not None:
+        y = y + u_t * D.to(dtype)
+    if z is not None:
+        y = y * F.silu(z.transpose(1, 2).to(dtype))
+    return y.to(u.dtype).transpose(1, 2), last
 
 
 def _squeeze_group(t: Tensor, name: str) -> Tensor:
@@ -321,55 +340,57 @@ def _slice_budget(device: torch.device) -> int:
 
 def _scan_torch(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-    delta_bias: Tensor | None, softplus: bool,
+    delta_bias: Tensor | None, softplus: bool, carries: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Blocked, chunked scan on token-major inputs: u, delta, z (batch, L, d); B, C (batch, L, N); any strides.
 
-    Returns the finished output (batch, L, d) float32 (C.h + D u, gated) and the last state (batch, d, N).
-    Everything per token (softplus, D term, gate) is done block by block on cache-sized pieces, so the only
-    full-length allocation is the output itself.
+    Returns the finished output (batch, L, d) (C.h + D u, gated) and the last state (batch, d, N), both in A's
+    dtype (float32 from the public API; float64 only for the gradient checks). Everything per token
+    (softplus, D term, gate) is done block by block on cache-sized pieces, so the only full-length
+    allocation is the output itself. ``carries``, when given, receives the state entering every chunk
+    (blocks of (K, batch, N, d)), which is all the gradient needs to recompute the states later.
     """
     batch, length, d = u.shape
-    n_state = A.shape[-1]
+    n_state, dtype = A.shape[-1], A.dtype
     chunk = max(1, min(_CHUNK, length))
     block = chunk * max(1, _slice_budget(u.device) // (batch * n_state * d * 4))
     a2 = (A * _LOG2E).t().contiguous()  # (N, d): exp(dt*A) = exp2(dt*a2), and exp2 is much faster on CPU
-    y = u.new_empty(batch, -(-length // chunk) * chunk, d, dtype=torch.float32)
-    state = u.new_zeros(batch, n_state, d, dtype=torch.float32)
+    y = u.new_empty(batch, -(-length // chunk) * chunk, d, dtype=dtype)
+    state = u.new_zeros(batch, n_state, d, dtype=dtype)
     for start in range(0, length, block):
         stop = min(start + block, length)
-        dt = delta[:, start:stop].float()
+        dt = delta[:, start:stop].to(dtype)
         if delta_bias is not None:
             dt = dt + delta_bias
         if softplus:
             dt = F.softplus(dt)
-        u_c = _chunk_major(u[:, start:stop], chunk)
+        u_c = _chunk_major(u[:, start:stop], chunk, dtype)
         y_c, state = _scan_block(
-            _chunk_major(dt, chunk), u_c, a2, _chunk_major(B[:, start:stop], chunk),
-            _chunk_major(C[:, start:stop], chunk), state,
+            _chunk_major(dt, chunk, dtype), u_c, a2, _chunk_major(B[:, start:stop], chunk, dtype),
+            _chunk_major(C[:, start:stop], chunk, dtype), state, carries,
         )
         if D is not None:
             y_c.addcmul_(u_c, D)
         if z is not None:
-            y_c.mul_(F.silu(_chunk_major(z[:, start:stop], chunk)))
+            y_c.mul_(F.silu(_chunk_major(z[:, start:stop], chunk, dtype)))
         n_tokens = y_c.shape[0] * y_c.shape[1]
         y[:, start : start + n_tokens].view(batch, -1, chunk, d).copy_(y_c.permute(2, 1, 0, 3))
     return y[:, :length], state.transpose(1, 2)
 
 
-def _chunk_major(t: Tensor, chunk: int) -> Tensor:
-    """(batch, Lb, c) -> contiguous float32 (T, K, batch, c), token k*T + t at [t, k]; zero-pads Lb to K*T.
+def _chunk_major(t: Tensor, chunk: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(batch, Lb, c) -> contiguous (T, K, batch, c) in ``dtype``, token k*T + t at [t, k]; zero-pads Lb to K*T.
 
     Zero padding is neutral at the end of a sequence: a step size of 0 gives decay 1 and input 0.
     """
     pad = -t.shape[1] % chunk
     if pad:
         t = F.pad(t, (0, 0, 0, pad))
-    return t.unflatten(1, (-1, chunk)).permute(2, 1, 0, 3).float().contiguous()
+    return t.unflatten(1, (-1, chunk)).permute(2, 1, 0, 3).to(dtype).contiguous()
 
 
 def _scan_block(
-    dt: Tensor, u: Tensor, a2: Tensor, B: Tensor, C: Tensor, state: Tensor
+    dt: Tensor, u: Tensor, a2: Tensor, B: Tensor, C: Tensor, state: Tensor, carries: list[Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Scan one block, chunk-major (T, K, batch, c), from ``state`` (batch, N, d).
 
@@ -391,6 +412,8 @@ def _scan_block(
         torch.mul(dt[t], a2, out=decay).exp2_()
         ends.mul_(decay).addcmul_(du[t], B[t])
     h = _chunk_carries(torch.exp2(dt.sum(0) * a2), ends, state)
+    if carries is not None:
+        carries.append(h.clone())
     h_mat = h.view(n_chunks * batch, n_state, d)
     y = dt.new_empty(chunk, n_chunks * batch, 1, d)
     for t in range(chunk):
@@ -436,3 +459,130 @@ def _linear_recurrence(decay: Tensor, inp: Tensor, h0: Tensor) -> Tensor:
     starts = torch.cat([h0.unsqueeze(0), group_ends[:-1]])
     x.addcmul_(a, starts)
     return x.transpose(0, 1).flatten(0, 1)[:steps]
+
+
+# --------------------------------------------------------------------------------------------------
+# gradients of the torch backend
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, on token-major tensors, differentiable.
+
+    u, dt (batch, L, d); A (d, N); B, C (batch, L, N), all in one float dtype. Forward is the inference scan,
+    which also keeps the state entering every chunk (1/chunk of all states); backward recomputes the states
+    and runs the adjoint recurrence block by block (``_scan_backward``). Returns y (batch, L, d) and the
+    last state (batch, d, N).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                C: Tensor) -> tuple[Tensor, Tensor]:
+        carries: list[Tensor] = [u.new_empty(0, u.shape[0], A.shape[1], u.shape[2], dtype=A.dtype)]  # L = 0 too
+        y, last = _scan_torch(u, dt, A, B, C, None, None, None, False, carries)
+        ctx.save_for_backward(u, dt, A, B, C, torch.cat(carries))
+        return y, last
+
+    @staticmethod
+    @once_differentiable  # the backward's own ops are not differentiable (no double backward)
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_y: Tensor, g_last: Tensor) -> tuple[Tensor, ...]:
+        u, dt, A, B, C, carries = ctx.saved_tensors
+        return _scan_backward(g_y, g_last.transpose(1, 2), u, dt, A, B, C, carries)
+
+
+def _scan_backward(
+    g_y: Tensor, g_last: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, carries: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (u, dt, A, B, C) of ``_ChunkedScan``, walking blocks of chunks from the sequence's end.
+
+    The adjoint g_t = dLoss/dh_t obeys g_t = C_t gy_t + a_{t+1} g_{t+1} (a_t = exp(dt_t A)) with g_{L-1}
+    also receiving the last state's gradient: the state recurrence run backwards in time, chunked the same
+    way. What flows from one block into the previous one is a_first g_first (batch, N, d). ``carries``
+    (chunks, batch, N, d) are the saved states entering each chunk; g_last is (batch, N, d). The per-step
+    slices are a fraction of the forward's, because a block keeps 2 * chunk + 1 of them (decays, states).
+    """
+    batch, length, d = u.shape
+    n_state, dtype = A.shape[-1], A.dtype
+    chunk = max(1, min(_CHUNK, length))
+    per_chunk = _GRAD_SLICE_DIVISOR * batch * n_state * d * dtype.itemsize
+    n_chunks = max(1, min(_slice_budget(u.device) // per_chunk, carries.shape[0]))
+    block = chunk * n_chunks
+    a2 = (A * _LOG2E).t().contiguous()
+    workspace = u.new_empty((2 * chunk + 1) * n_chunks * batch * n_state * d, dtype=dtype)
+    padded = carries.shape[0] * chunk
+    g_u, g_dt = u.new_empty(batch, padded, d, dtype=dtype), u.new_empty(batch, padded, d, dtype=dtype)
+    g_B, g_C = u.new_empty(batch, padded, n_state, dtype=dtype), u.new_empty(batch, padded, n_state, dtype=dtype)
+    g_A = A.new_zeros(n_state, d)
+    g_next = g_last.contiguous()
+    for start in reversed(range(0, length, block)):
+        stop = min(start + block, length)
+        k0 = start // chunk
+        grads, g_block_a, g_next = _scan_block_backward(
+            *(_chunk_major(t[:, start:stop], chunk, dtype) for t in (dt, u, B, C, g_y)), a2, A.t(),
+            carries[k0 : k0 + n_chunks], g_next, workspace,
+        )
+        g_A += g_block_a
+        for full, part in zip((g_u, g_dt, g_B, g_C), grads, strict=True):
+            full[:, start : start + part.shape[0] * part.shape[1]].view(batch, -1, chunk, part.shape[-1]).copy_(
+                part.permute(2, 1, 0, 3))
+    return g_u[:, :length], g_dt[:, :length], g_A.t(), g_B[:, :length], g_C[:, :length]
+
+
+def _scan_block_backward(
+    dt: Tensor, u: Tensor, B: Tensor, C: Tensor, g_y: Tensor, a2: Tensor, a_nd: Tensor, h0: Tensor,
+    g_next: Tensor, workspace: Tensor,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """Backward through one block, chunk-major (T, K, batch, c), given the states entering its K chunks.
+
+    ``g_next`` (batch, N, d) is what the block after this one passes back (a_{t+1} g_{t+1} at the block's
+    last token). Steps, all K chunks side by side on (K, batch, N, d) slices: recompute the block's decays
+    and states into ``workspace`` (reused by every block, so no fresh pages per block), contracting
+    g_C = h . gy on the way; run the adjoint backwards in every chunk from zero for each chunk's own part
+    of the previous chunk's carry; chain those with the chunk decays (the forward's carry recurrence,
+    reversed); rerun the adjoint from the true carries, contracting each step into the gradients at once,
+    so the adjoints are never stored. Returns ((g_u, g_dt, g_B, g_C) chunk-major, g_A (N, d), what passes
+    to the previous block).
+    """
+    chunk, n_chunks, batch, d = dt.shape
+    n_state = a2.shape[0]
+    rows, size = n_chunks * batch, n_chunks * batch * n_state * d
+    dt5 = dt.unsqueeze(-2)  # (T, K, b, 1, d)
+    du = dt5 * u.unsqueeze(-2)
+    B5, C5, gy5 = B.unsqueeze(-1), C.unsqueeze(-1), g_y.unsqueeze(-2)  # (T, K, b, N, 1) and (T, K, b, 1, d)
+    decay = torch.mul(dt5, a2, out=workspace[: chunk * size].view(chunk, n_chunks, batch, n_state, d)).exp2_()
+    states = workspace[chunk * size : (2 * chunk + 1) * size].view(chunk + 1, n_chunks, batch, n_state, d)
+    states[0] = h0
+    g_C = dt.new_empty(chunk, n_chunks, batch, n_state)
+    for t in range(chunk):
+        h = torch.mul(decay[t], states[t], out=states[t + 1]).addcmul_(du[t], B5[t])
+        # (1, d) @ (d, N) products: much faster on CPU than the equivalent (N, d) @ (d, 1) ones
+        torch.bmm(g_y[t].view(rows, 1, d), h.view(rows, n_state, d).mT, out=g_C[t].view(rows, 1, n_state))
+    adj = C5[-1] * gy5[-1]
+    for t in range(chunk - 2, -1, -1):
+        adj.mul_(decay[t + 1]).addcmul_(C5[t], gy5[t])
+    into_prev = adj.mul_(decay[0])  # each chunk's own part of a_first g_first, i.e. of the previous chunk's carry
+    adj = _adjoint_carries(torch.exp2(dt5.sum(0) * a2), into_prev, g_next)
+    g_B, g_du, g_dt = torch.empty_like(g_C), torch.empty_like(dt), torch.empty_like(dt)
+    g_log_decay = torch.empty_like(adj)
+    g_a = torch.zeros_like(adj)
+    a_full = a_nd.expand_as(adj).contiguous()  # a same-shape multiply is several times faster than a broadcast
+    for t in range(chunk - 1, -1, -1):
+        if t < chunk - 1:
+            adj.mul_(decay[t + 1])
+        adj.addcmul_(C5[t], gy5[t])
+        adj_mat = adj.view(rows, n_state, d)
+        torch.bmm(du[t].view(rows, 1, d), adj_mat.mT, out=g_B[t].view(rows, 1, n_state))
+        torch.bmm(B[t].view(rows, 1, n_state), adj_mat, out=g_du[t].view(rows, 1, d))
+        torch.mul(adj, decay[t], out=g_log_decay).mul_(states[t])  # dLoss/d(dt A) per state element
+        g_a.addcmul_(g_log_decay, dt5[t])
+        torch.sum(g_log_decay.mul_(a_full), dim=-2, out=g_dt[t])
+    g_dt.addcmul_(g_du, u)
+    return (g_du.mul_(dt), g_dt, g_B, g_C), g_a.sum((0, 1)), decay[0, 0] * adj[0]
+
+
+def _adjoint_carries(chunk_decay: Tensor, into_prev: Tensor, g_next: Tensor) -> Tensor:
+    """Adjoint entering each chunk from its right (K, b, N, d): G_{K-1} = g_next, G_{k-1} = into_prev_k + P_k G_k."""
+    carry = torch.empty_like(into_prev)
+    carry[-1] = g_next
+    if carry.shape[0] > 1:
+        carry[:-1] = _linear_recurrence(chunk_decay[1:].flip(0), into_prev[1:].flip(0), g_next).flip(0)
+    return carry
