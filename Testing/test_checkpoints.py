@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,13 @@ from SegMambaSlicerLib.checkpoints import (
     load_state_dict_file,
 )
 from SegMambaSlicerLib.errors import CheckpointError
+from shared_data import read_listing
 from torch import nn
-
-LISTINGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dicts"
 
 
 def _listing(name: str) -> dict[str, torch.Tensor]:
     """Meta tensors with the official key list and shapes (no memory, shapes only)."""
-    path = LISTINGS / name
-    if not path.exists():
-        pytest.skip(f"{path} not available (needs ../shared/reference)")
-    sd = {}
-    for line in path.read_text().splitlines():
-        key, shape = line.split("\t")[:2]
-        sd[key] = torch.empty(ast.literal_eval(shape), device="meta")
-    return sd
+    return {key: torch.empty(shape, device="meta") for key, shape in read_listing(name)}
 
 
 class Small(nn.Module):

@@ -6,7 +6,6 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,18 +21,7 @@ from SegMambaSlicerLib.networks.mambaclinix import (
     num_segmentation_heads,
     resolve_configuration,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures"
-LISTINGS = SHARED / "reference" / "state_dicts"
-
-
-def _read_listing(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        key, shape = line.split("\t")[:2]
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
-    return rows
+from shared_data import FIXTURES, read_listing
 
 
 def _plans(kernels, strides, base=32, cap=320, encoder=None, decoder=None) -> dict:
@@ -69,7 +57,7 @@ def test_state_dict_matches_official_listing(plans, listing, n_unique, n_params)
     with torch.device("meta"):
         model = mambaclinix_from_plans(plans, DATASET_14, deep_supervision=True)
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert ours == _read_listing(LISTINGS / listing)
+    assert ours == read_listing(listing)
     assert len({id(p) for p in model.state_dict(keep_vars=True).values()}) == n_unique
     assert sum(p.numel() for p in model.parameters()) == n_params
 

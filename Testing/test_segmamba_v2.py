@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,19 +11,7 @@ from SegMambaSlicerLib.errors import InputImageError, ModelCardError
 from SegMambaSlicerLib.networks import build_network
 from SegMambaSlicerLib.networks.segmamba_v2 import SegMambaV2
 from SegMambaSlicerLib.networks.unetr import NetworkConfigError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures"
-LISTING = SHARED / "reference" / "state_dicts" / "segmamba_v2_default.txt"
-
-
-def _read_listing(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """``key<TAB>shape`` lines of a reference listing as (key, shape) pairs."""
-    rows = []
-    for line in path.read_text().splitlines():
-        key, shape = line.split("\t")[:2]
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
-    return rows
+from shared_data import FIXTURES, read_listing
 
 
 def _fixture_weights():
@@ -67,7 +54,7 @@ def test_default_state_dict_matches_official_listing():
     with torch.device("meta"):
         model = SegMambaV2(4, 4)
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert ours == _read_listing(LISTING)
+    assert ours == read_listing("segmamba_v2_default.txt")
     assert len(ours) == 215
     assert sum(p.numel() for p in model.parameters()) == 138_776_824
 
