@@ -58,6 +58,20 @@ class SegMambaSlicer(ScriptedLoadableModule):
             "Networks: SegMamba (Xing et al., MICCAI 2024), SegMamba-V2 (Xing et al., IEEE TMI 2025), "
             "MambaClinix (Bian et al., 2024). Reimplemented in pure PyTorch from their published descriptions."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Offer the synthetic BraTS-like case in the Sample Data module (generated on first use, then cached)."""
+    import SampleData
+
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="SegMamba",
+        sampleName="SegMambaPhantom",
+        thumbnailFileName=os.path.join(iconsPath, "SegMambaSlicer.png"),
+        customDownloader=lambda *source: SegMambaSlicerLogic().loadSampleCase(),
+    )
 
 
 @parameterNodeWrapper
@@ -394,12 +408,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._populateModels(ready=True)
 
     def _onLoadSample(self):
-        from SegMambaSlicerLib.cache import sample_case
-
         with slicer.util.tryWithErrorDisplay("Cannot create the sample case.", waitCursor=True):
-            paths = sample_case()
-            for key in ("t2w", "t2f", "t1n", "t1c"):
-                slicer.util.loadVolume(str(paths[key]), {"name": f"Sample {key}"})
+            self.logic.loadSampleCase()
         self._autoFillInputs(onlyEmpty=False)
 
     # ------------------------------------------------------------------ running
@@ -549,6 +559,13 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
         node, _ = self.impl.segment_nodes(inputNodes, card, options, segmentationNode, progress, cancel, network,
                                           in_worker=inWorker)
         return node
+
+    def loadSampleCase(self):
+        """Load the synthetic BraTS-size case (written to the cache folder once); returns its volume nodes."""
+        from SegMambaSlicerLib.cache import sample_case
+
+        paths = sample_case()
+        return [slicer.util.loadVolume(str(paths[key]), {"name": f"Sample {key}"}) for key in ("t2w", "t2f", "t1n", "t1c")]
 
     def segmentNodeGroups(self, groups, card, options=None, progress=None, cancel=None):
         """Segment several cases already loaded, e.g. ``[[t2w1, t2f1, t1n1, t1c1], [t2w2, ...]]``; returns nodes."""
