@@ -49,6 +49,15 @@ def state_dict(card):
     return load_state_dict_file(card.weights_path())
 
 
+@pytest.fixture
+def one_thread():
+    """One thread: on a shared 2-core machine a busy second core makes 2-thread runs several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_card_is_labelled_as_a_synthetic_demo(card):
     assert card.display_name.startswith("DEMO")
     assert "synthetic" in card.intended_use.lower() and "not for clinical use" in card.intended_use.lower()
@@ -78,6 +87,20 @@ def test_weights_load_strictly_into_the_card_network(card, state_dict):
     assert detected.name == card.architecture == "segmamba_v1"
     for key in ("in_chans", "out_chans", "depths", "feat_size", "hidden_size"):
         assert list(np.atleast_1d(detected.kwargs[key])) == list(np.atleast_1d(card.architecture_kwargs[key]))
+
+
+def test_demo_network_can_take_a_training_step(card, one_thread):
+    """scripts/train_demo.py needs gradients through every layer, the Mamba mixers included."""
+    train_demo = _script("train_demo")
+    torch.manual_seed(0)
+    network = build_network(card.architecture, **card.architecture_kwargs).train()
+    x = torch.randn(1, 4, *card.inference.roi_size)
+    target = torch.randint(0, len(card.label_values), (1, *card.inference.roi_size))
+    train_demo.dice_ce_loss(network(x), target).backward()
+    grads = {name: p.grad for name, p in network.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["vit.stages.0.0.mamba.A_log"].abs().sum() > 0
+    assert grads["vit.stages.0.0.mamba.x_proj_s.weight"].abs().sum() > 0
 
 
 def test_prepare_case_keeps_every_labelled_voxel_and_zscores(card):
@@ -111,15 +134,6 @@ def test_dice_on_hand_computed_cases():
     assert eval_demo.dice(pred, ref, [2]) == pytest.approx(2 / 3)
     assert eval_demo.dice(pred, ref, [1, 2]) == 1.0
     assert eval_demo.dice(pred, ref, [3]) == 1.0  # empty in both
-
-
-@pytest.fixture
-def one_thread():
-    """One thread: on a shared 2-core machine a busy second core makes 2-thread runs several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_demo_segments_a_held_out_phantom(card, one_thread):
