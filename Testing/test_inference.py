@@ -51,6 +51,19 @@ def test_pointwise_model_is_unchanged_by_windows_blending_and_mirroring(tta: boo
     assert net.calls == count_windows(x.shape[2:], settings) * len(mirror_flips(settings.mirror_axes))
 
 
+def test_cpu_runs_the_windows_of_a_batch_one_at_a_time() -> None:
+    """Half the peak memory at the same logits: on the CPU a sw batch of 3 reaches the network window by window."""
+    net, weight, bias = _net()
+    sizes: list[int] = []
+    net.register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
+    x = torch.randn(1, 2, 30, 30, 30, generator=torch.Generator().manual_seed(3))
+    settings = WindowSettings((16, 16, 16), 0.5, 3)
+    logits = predict_logits(net, x, settings, torch.device("cpu"))
+    assert sizes == [1] * count_windows(x.shape[2:], settings)
+    expected = np.tensordot(weight, x[0].double().numpy(), axes=([1], [0])) + bias[:, None, None, None]
+    np.testing.assert_allclose(logits[0].numpy(), expected, atol=1e-4)
+
+
 def test_mirror_flips_are_identity_plus_all_subsets() -> None:
     flips = mirror_flips((0, 1, 2))
     assert len(flips) == 8 and flips[0] == () and (2, 3, 4) in flips and len(set(flips)) == 8

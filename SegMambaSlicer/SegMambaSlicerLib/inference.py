@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from scipy.ndimage import gaussian_filter
 
+from .devices import reuse_freed_cpu_memory
 from .errors import CancelledError
 
 ProgressCallback = Callable[[float, str], None]
@@ -101,7 +102,13 @@ def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 class _WindowCounter:
-    """Calls the network on a batch of windows, counting them and honouring cancel."""
+    """Calls the network on a batch of windows, counting them and honouring cancel.
+
+    On the CPU the windows of a batch go through the network one at a time: batching 128³ windows
+    gains nothing there (each one alone already keeps both cores busy for seconds) but doubles the
+    peak memory, and progress and cancel then act per window. Every operation of the networks is per
+    sample, so the logits are those of the batched call.
+    """
 
     def __init__(
         self,
@@ -115,6 +122,11 @@ class _WindowCounter:
         self.progress, self.cancel, self.autocast = progress, cancel, autocast
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        parts = windows.split(1) if windows.device.type == "cpu" else (windows,)
+        logits = [self._run(part) for part in parts]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def _run(self, windows: torch.Tensor) -> torch.Tensor:
         if self.cancel is not None and self.cancel():
             raise CancelledError("Segmentation cancelled.")
         with self.autocast:
@@ -133,6 +145,7 @@ def autocast_context(device: torch.device, mixed_precision: bool) -> contextlib.
 
 
 @torch.no_grad()
+@reuse_freed_cpu_memory()
 def predict_logits(
     network: torch.nn.Module,
     image: torch.Tensor,
@@ -145,7 +158,8 @@ def predict_logits(
     """Blended logits (1, K, z, y, x) in float32 on the CPU for a (1, C, z, y, x) input.
 
     The stitching buffer stays on the CPU so that large volumes do not exhaust GPU memory;
-    windows run on ``device``.
+    windows run on ``device``. Freed CPU memory is reused while this runs (see
+    :func:`~SegMambaSlicerLib.devices.reuse_freed_cpu_memory`) and released when it returns.
     """
     if settings.tiling == "nnunet":
         return _predict_nnunet(network, image, settings, device, mixed_precision, progress, cancel)

@@ -20,7 +20,10 @@ from .unetr import (
     add_unetr_blocks,
     check_config,
     check_size_multiple,
+    to_network_layout,
     unetr_decode,
+    use_layout_preserving_layers,
+    volume_from_tokens,
 )
 
 __all__ = ["InputSizeError", "SegMambaV1"]
@@ -37,9 +40,8 @@ class MambaLayer(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, channels, *spatial = x.shape
-        tokens = x.reshape(batch, channels, -1).transpose(1, 2)
-        out = self.mamba(self.norm(tokens)).transpose(1, 2).reshape(batch, channels, *spatial)
+        tokens = x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)  # a view when x is channels-last
+        out = volume_from_tokens(self.mamba(self.norm(tokens)), like=x)
         return out + x if self.residual else out
 
 
@@ -131,6 +133,7 @@ class SegMambaV1(nn.Module):
             raise NetworkConfigError(f"SegMamba needs 4 nslices values (one per stage); got {list(nslices)}.")
         self.vit = MambaEncoder(in_chans, depths, feat_size, nslices, mamba_residual)
         add_unetr_blocks(self, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims)
+        use_layout_preserving_layers(self)
 
     def _check_input_size(self, spatial: tuple[int, ...]) -> None:
         """Fail before any work when the size cannot pass the down-sampling or the slice interleave."""
@@ -148,4 +151,5 @@ class SegMambaV1(nn.Module):
     def forward(self, x_in: Tensor) -> Tensor:
         """(B, in_chans, D, H, W) -> logits (B, out_chans, D, H, W); sizes as checked by _check_input_size."""
         self._check_input_size(tuple(x_in.shape[2:]))
-        return unetr_decode(self, self.encoder1(x_in), self.vit(x_in))
+        x_in = to_network_layout(x_in)
+        return unetr_decode(self, self.encoder1(x_in), self.vit(x_in)).contiguous()

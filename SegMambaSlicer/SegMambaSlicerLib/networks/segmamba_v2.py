@@ -17,7 +17,15 @@ from torch import nn
 
 from ..mixers import Mamba
 from .unetr import HEAD_CHANNELS as STEM_CHANNELS
-from .unetr import add_unetr_blocks, check_config, check_size_multiple, unetr_decode
+from .unetr import (
+    add_unetr_blocks,
+    check_config,
+    check_size_multiple,
+    to_network_layout,
+    unetr_decode,
+    use_layout_preserving_layers,
+    volume_from_tokens,
+)
 
 #: Stages (0-based) that hold Mamba layers; the shallower ones only have convolution blocks.
 MAMBA_STAGES = (2, 3)
@@ -102,10 +110,8 @@ class MambaLayer(nn.Module):
         self.mamba = Mamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand)
 
     def _scan(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, *spatial = x.shape
-        tokens = x.reshape(batch, channels, -1).transpose(1, 2)
-        out = self.mamba(self.norm(tokens))
-        return out.transpose(1, 2).reshape(batch, channels, *spatial)
+        tokens = x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+        return volume_from_tokens(self.mamba(self.norm(tokens)), like=x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         along_h = self._scan(x.transpose(2, 3)).transpose(2, 3)
@@ -170,8 +176,9 @@ class SegMambaV2(nn.Module):
         check_config("SegMamba-V2", depths, feat_size, spatial_dims)
         self.vit = MambaEncoder(depths, list(feat_size))
         add_unetr_blocks(self, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims)
+        use_layout_preserving_layers(self)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         check_size_multiple("SegMamba-V2", x_in.shape[2:])
-        enc1 = self.encoder1(x_in)
-        return unetr_decode(self, enc1, self.vit(enc1))
+        enc1 = self.encoder1(to_network_layout(x_in))
+        return unetr_decode(self, enc1, self.vit(enc1)).contiguous()

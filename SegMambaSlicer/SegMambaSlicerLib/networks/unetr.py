@@ -3,12 +3,21 @@
 Both official classes register ``encoder1..5``, ``decoder5..1`` and ``out`` (MONAI blocks) after their
 Mamba encoder ``vit`` and decode its four outputs the same way; only what feeds ``vit`` differs.
 Keeping the blocks in one place keeps both key lists and both decoders identical by construction.
+
+Memory layout: on CPU both networks run their activations channels-last (``torch.channels_last_3d``),
+where oneDNN's 3-D convolutions are 1.4-4x faster than on channels-first tensors and the Mamba layers
+read their tokens without transposing copies (docs/benchmarks.md). Two layers would silently convert
+back to channels-first (``F.instance_norm`` makes its input contiguous; 1x1x1 convolutions take a
+channels-first path on one thread), so :func:`use_layout_preserving_layers` retypes them into subclasses
+whose forward keeps the layout; parameters, buffers and state-dict keys are untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
@@ -92,3 +101,92 @@ def unetr_decode(net: nn.Module, enc1: Tensor, outs: Sequence[Tensor]) -> Tensor
     dec = net.decoder3(dec, enc2)
     dec = net.decoder2(dec, enc1)
     return net.out(net.decoder1(dec))
+
+
+# ------------------------------------------------------------------ memory layout
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def to_network_layout(x: Tensor) -> Tensor:
+    """The input in the layout the networks run fastest in on its device: channels-last on CPU only.
+
+    CUDA and MPS keep channels-first: their convolution libraries were not benchmarked here.
+    """
+    return x.contiguous(memory_format=CHANNELS_LAST) if x.device.type == "cpu" and x.dim() == 5 else x
+
+
+def volume_from_tokens(tokens: Tensor, like: Tensor) -> Tensor:
+    """(batch, voxels, channels) tokens back to ``like``'s (batch, channels, *spatial) shape and layout.
+
+    For a channels-last ``like`` this is a view with canonical channels-last strides (a transposed
+    reshape would give a size-1 batch dimension an odd stride, and PyTorch's convolutions then no longer
+    recognise the tensor as channels-last); otherwise a channels-first copy, as before.
+    """
+    batch, channels, *spatial = like.shape
+    if like.is_contiguous(memory_format=CHANNELS_LAST) and not like.is_contiguous():
+        return tokens.reshape(batch, *spatial, channels).permute(0, 4, 1, 2, 3)
+    return tokens.transpose(1, 2).reshape(batch, channels, *spatial)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 5 and x.dtype in (torch.float32, torch.float64) and x.is_contiguous(
+        memory_format=CHANNELS_LAST)
+
+
+class LayoutPreservingInstanceNorm3d(nn.InstanceNorm3d):
+    """InstanceNorm3d (without running statistics) whose output keeps a channels-last input channels-last.
+
+    The statistics are those of ``F.instance_norm`` (biased variance, eps inside the square root), computed
+    on the (batch, voxels, channels) view: values are first shifted by one voxel of their channel, so the
+    float32 sums stay near the spread of the values even when the mean is far larger, then centred and
+    squared (two passes; a one-pass ``E[x^2] - E[x]^2`` would cancel catastrophically).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _is_channels_last(x):
+            return super().forward(x)
+        batch, channels, *spatial = x.shape
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(batch, -1, channels)  # a view for channels-last x
+        centred = tokens - tokens[:, :1]
+        centred -= centred.mean(1, keepdim=True)
+        scale = centred.square().mean(1, keepdim=True).add(self.eps).rsqrt()
+        if self.weight is not None:
+            scale = scale * self.weight
+        out = centred * scale  # not in place: square() above keeps ``centred`` for the backward pass
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(batch, *spatial, channels).permute(0, 4, 1, 2, 3)
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 Conv3d that runs single-threaded as one matrix product over the voxels of a channels-last input.
+
+    With one thread PyTorch sends 1x1x1 convolutions to a channels-first im2col path that copies a
+    channels-last input and returns channels-first (4-17x slower here); with more threads it uses
+    oneDNN, which keeps the layout and is faster than the matrix product.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.get_num_threads() > 1 or not _is_channels_last(x):
+            return super().forward(x)
+        out = F.linear(x.permute(0, 2, 3, 4, 1), self.weight.flatten(1), self.bias)
+        return out.permute(0, 4, 1, 2, 3)
+
+
+def _is_pointwise(conv: nn.Conv3d) -> bool:
+    return (conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
+            and conv.groups == 1 and conv.padding in ((0, 0, 0), "valid"))
+
+
+def use_layout_preserving_layers(network: nn.Module) -> None:
+    """Retype every plain InstanceNorm3d and pointwise Conv3d of ``network`` in place (see module docstring).
+
+    The subclasses only override ``forward`` and fall back to it for channels-first inputs, so the
+    module tree, parameters and keys stay exactly the official ones.
+    """
+    for module in network.modules():
+        if type(module) is nn.InstanceNorm3d and not module.track_running_stats:
+            module.__class__ = LayoutPreservingInstanceNorm3d
+        elif type(module) is nn.Conv3d and _is_pointwise(module):
+            module.__class__ = PointwiseConv3d
