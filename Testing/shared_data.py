@@ -24,7 +24,7 @@ def require(path: Path) -> Path:
 def read_listing(name: str) -> list[tuple[str, tuple[int, ...]]]:
     """Official ``key<TAB>shape`` state-dict listing as (key, shape) pairs, in official order."""
     rows = []
-    for line in require(LISTINGS / name).read_text().splitlines():
+    for line in require(LISTINGS / name).read_text(encoding="utf-8").splitlines():
         key, shape = line.split("\t")[:2]
         rows.append((key, tuple(ast.literal_eval(shape))))
     return rows

@@ -225,7 +225,7 @@ def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort,
     finally:
         if child.poll() is None:
             child.kill()
-    temporary = Path(marker.read_text())
+    temporary = Path(marker.read_text(encoding="utf-8"))
     assert temporary.parent == out and temporary.name.startswith(f".{GOOD[0]}.nii.gz.") and temporary.exists()
     assert _visible_files(out) == []
 

@@ -116,7 +116,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def _url_card(home: Path, model_id: str, url: str, sha256: str) -> None:
-    data = json.loads((models_dir() / f"{BRATS}.json").read_text())
+    data = json.loads((models_dir() / f"{BRATS}.json").read_text(encoding="utf-8"))
     data.update(id=model_id, weights={"kind": "url", "url": url, "sha256": sha256})
     path = home / "models" / model_id / "card.json"
     path.parent.mkdir(parents=True)
@@ -178,7 +178,7 @@ def tiny_card(tmp_path: Path) -> Path:
     kwargs = {"in_chans": 4, "out_chans": 4, "feat_size": [48, 16, 16, 16], "hidden_size": 32}
     torch.manual_seed(0)
     torch.save(segmamba_v1.SegMambaV1(**kwargs).state_dict(), tmp_path / "tiny.pt")
-    data = json.loads((models_dir() / f"{BRATS}.json").read_text())
+    data = json.loads((models_dir() / f"{BRATS}.json").read_text(encoding="utf-8"))
     data.update(id="tiny-demo", architecture={"name": "segmamba_v1", "kwargs": kwargs},
                 weights={"kind": "file", "file": "tiny.pt"})
     data["inference"].update(roi_size=[32, 32, 32], sw_batch_size=1)

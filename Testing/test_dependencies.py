@@ -34,7 +34,7 @@ FRESH_SLICER = {"numpy": "1.23.5", "simpleitk": "2.4.0", "vtk": "9.2.20230607", 
 
 def test_requirements_file_matches_pyproject_dependencies() -> None:
     tomllib = pytest.importorskip("tomllib")
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     assert sorted(map(str, read_requirements())) == sorted(str(Requirement(d)) for d in declared)
 
 

@@ -194,8 +194,8 @@ def _check_fixture(fx: dict, model: torch.nn.Module, weights: dict) -> tuple[flo
 def test_tiny_fixture_official_state_dict_loads_strictly():
     _fixture_weights()
     fx = torch.load(FIXTURES / "mambaclinix_tiny.pt", weights_only=True)
-    plans = json.loads((FIXTURES / fx["config"]["plans_file"]).read_text())
-    dataset = json.loads((FIXTURES / fx["config"]["dataset_json_file"]).read_text())
+    plans = json.loads((FIXTURES / fx["config"]["plans_file"]).read_text(encoding="utf-8"))
+    dataset = json.loads((FIXTURES / fx["config"]["dataset_json_file"]).read_text(encoding="utf-8"))
     model = mambaclinix_from_plans(plans, dataset)
     assert list(model.state_dict()) == fx["state_dict_keys"] == list(fx["state_dict"])
     assert sum(p.numel() for p in model.parameters()) == fx["n_params"]
@@ -206,8 +206,8 @@ def test_tiny_fixture_official_state_dict_loads_strictly():
 def test_small_fixture_recipe_weights():
     fw = _fixture_weights()
     fx = torch.load(FIXTURES / "mambaclinix_small.pt", weights_only=True)
-    plans = json.loads((FIXTURES / fx["config"]["plans_file"]).read_text())
-    dataset = json.loads((FIXTURES / fx["config"]["dataset_json_file"]).read_text())
+    plans = json.loads((FIXTURES / fx["config"]["plans_file"]).read_text(encoding="utf-8"))
+    dataset = json.loads((FIXTURES / fx["config"]["dataset_json_file"]).read_text(encoding="utf-8"))
     model = mambaclinix_from_plans(plans, dataset)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert list(shapes) == fx["state_dict_keys"]

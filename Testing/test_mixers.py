@@ -115,7 +115,7 @@ def test_mamba_parameters_and_initialisation() -> None:
 def test_tri_oriented_parameters_match_official_stage0_listing() -> None:
     prefix = "vit.stages.0.0.mamba."
     expected = []
-    for line in (LISTING / "segmamba_v1_default.txt").read_text().splitlines():
+    for line in (LISTING / "segmamba_v1_default.txt").read_text(encoding="utf-8").splitlines():
         key, shape = line.split("\t")[:2]
         if key.startswith(prefix):
             expected.append((key[len(prefix) :], shape))

@@ -36,7 +36,7 @@ def _fixture_json(name: str) -> dict[str, Any]:
     path = FIXTURES / name
     if not path.is_file():
         pytest.skip(f"shared fixtures not found ({path})")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

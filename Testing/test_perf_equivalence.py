@@ -227,7 +227,7 @@ def test_predict_logits_runs_with_memory_reuse(fake_libc: _FakeLibc) -> None:
 
 
 def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @pytest.mark.slow  # reads process RSS: other processes' memory pressure makes it unreliable on a shared machine

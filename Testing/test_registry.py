@@ -61,7 +61,7 @@ def tiny_checkpoint(tmp_path: Path, tiny_state_dict: dict[str, torch.Tensor]) ->
 
 def _write_user_card(home: Path, folder: str, card_id: str | None = None, **changes: object) -> Path:
     """A user card copied from the BraTS card (so it is valid) with some fields changed."""
-    data = json.loads((models_dir() / f"{BRATS}.json").read_text())
+    data = json.loads((models_dir() / f"{BRATS}.json").read_text(encoding="utf-8"))
     data.update(id=card_id or folder, **changes)
     path = home / "models" / folder / "card.json"
     path.parent.mkdir(parents=True)
@@ -213,7 +213,7 @@ def test_import_from_a_folder_needs_exactly_one_checkpoint(home, tiny_checkpoint
 
 
 def test_import_like_a_card_with_other_outputs_is_refused(home, tiny_checkpoint) -> None:
-    data = json.loads((models_dir() / f"{BRATS}.json").read_text())
+    data = json.loads((models_dir() / f"{BRATS}.json").read_text(encoding="utf-8"))
     _write_user_card(home, "two-labels", labels=data["labels"][:2], regions=[])
     with pytest.raises(ModelCardError, match="4 inputs and 4 outputs but model two-labels has 4 inputs and 3"):
         import_weights(tiny_checkpoint, like="two-labels")

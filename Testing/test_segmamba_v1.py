@@ -45,7 +45,7 @@ def fixture_weights():  # noqa: ANN201 - the helper module from the shared fixtu
 @pytest.mark.skipif(not LISTING.exists(), reason=f"state-dict listing not found at {LISTING}")
 def test_state_dict_matches_official_listing() -> None:
     model = SegMambaV1(in_chans=4, out_chans=4)
-    expected = [line.split("\t")[:2] for line in LISTING.read_text().splitlines()]
+    expected = [line.split("\t")[:2] for line in LISTING.read_text(encoding="utf-8").splitlines()]
     assert [[k, str(tuple(v.shape))] for k, v in model.state_dict().items()] == expected
     assert sum(p.numel() for p in model.parameters()) == 67_416_196
     assert all(v.dtype == torch.float32 for v in model.state_dict().values())

@@ -12,7 +12,7 @@ MODULE = ROOT / "SegMambaSlicer"
 
 
 def _cmake_listed() -> set[str]:
-    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "SegMambaSlicer")
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "SegMambaSlicer")
     return set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, flags=re.MULTILINE))
 
 
@@ -34,7 +34,7 @@ def test_every_python_and_resource_file_is_listed_for_slicer_build() -> None:
 
 
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -55,7 +55,7 @@ def _widgets() -> dict[str, str]:
 def _ui_attributes_used() -> set[str]:
     """Names X in every ``self.ui.X`` of the module file."""
     used = set()
-    for node in ast.walk(ast.parse(MODULE_FILE.read_text())):
+    for node in ast.walk(ast.parse(MODULE_FILE.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             used.add(node.attr)
@@ -64,7 +64,7 @@ def _ui_attributes_used() -> set[str]:
 
 def _parameter_types() -> dict[str, str]:
     """Field name -> annotated type (innermost name) of the @parameterNodeWrapper class."""
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     wrapper = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
                    and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in n.decorator_list))
     fields = {}

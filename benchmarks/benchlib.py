@@ -62,7 +62,7 @@ def _lscpu_field(name: str) -> str | None:
 
 def _meminfo_kib(field: str) -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -73,7 +73,7 @@ def _meminfo_kib(field: str) -> int | None:
 def rss_mib() -> float:
     """Current resident set size of this process in MiB (Linux /proc; peak RSS elsewhere)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        pages = int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return peak_rss_mib()

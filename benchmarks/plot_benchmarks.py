@@ -29,7 +29,7 @@ TARGET_S = 180.0
 
 
 def read(paths: list[Path]) -> list[dict[str, Any]]:
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for path in paths for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def bars(records: list[dict[str, Any]]) -> list[tuple[str, float, bool]]:
