@@ -1,10 +1,12 @@
-"""Shared fixtures: a fresh headless MRML scene (slicer-core) per test, and an awkward label-map grid."""
+"""Shared fixtures: a fresh headless MRML scene (slicer-core) per test, an awkward label-map grid, a fake libc."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from allocator_fakes import FakeLibc
+from SegMambaSlicerLib import devices
 
 
 @pytest.fixture
@@ -48,3 +50,11 @@ def oblique_labelmap() -> sitk.Image:
     direction = _rotation((0.3, -0.2, 0.5)) @ np.diag([1.0, -1.0, 1.0])
     image.SetDirection(direction.ravel().tolist())
     return image
+
+
+@pytest.fixture
+def fake_libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    """Allocator settings are recorded, not applied (see allocator_fakes.py)."""
+    libc = FakeLibc()
+    monkeypatch.setattr(devices, "_glibc", lambda: libc)
+    return libc

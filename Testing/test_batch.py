@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from allocator_fakes import KEEP, RESTORE
 from SegMambaSlicerLib import batch
 from SegMambaSlicerLib.batch import DONE, FAILED, SKIPPED, BatchError, discover_cases, segment_folder
 from SegMambaSlicerLib.cards import load_card
@@ -233,6 +234,15 @@ def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort,
     assert [c.status for c in result.cases] == [DONE]
     assert not temporary.exists()
     assert _visible_files(out) == [f"{GOOD[0]}.nii.gz", "summary.csv"]
+
+
+def test_freed_memory_is_kept_for_the_whole_cohort_and_released_once(cohort, tiny_card_path, tmp_path,
+                                                                     fake_libc) -> None:
+    """Each case's windows ask for memory reuse; giving memory back between cases made every next case
+    fault ~5 GB in again (docs/benchmarks.md), so it is given back only when the batch ends."""
+    result = segment_folder(cohort, tmp_path, tiny_card_path, CPU, network=_pointwise())
+    assert [r.case_id for r in result.cases if r.status == DONE] == list(GOOD)
+    assert fake_libc.calls == KEEP + RESTORE
 
 
 def test_cancel_stops_between_cases_and_keeps_the_summary(cohort, tiny_card_path, tmp_path) -> None:

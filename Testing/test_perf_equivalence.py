@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from allocator_fakes import KEEP, RESTORE, FakeLibc
 from SegMambaSlicerLib import devices
 from SegMambaSlicerLib.devices import reuse_freed_cpu_memory
 from SegMambaSlicerLib.inference import WindowSettings, predict_logits
@@ -177,33 +178,7 @@ def test_official_fixture_through_the_channels_last_path(name: str) -> None:
 # ------------------------------------------------------------------ allocator setting
 
 
-class _FakeLibc:
-    """Records mallopt / malloc_trim calls instead of changing the process's allocator."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def mallopt(self, param: int, value: int) -> int:
-        self.calls.append(("mallopt", param, value))
-        return 1
-
-    def malloc_trim(self, pad: int) -> int:
-        self.calls.append(("malloc_trim", pad))
-        return 1
-
-
-KEEP = [("mallopt", -4, 0), ("mallopt", -1, -1)]
-RESTORE = [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
-
-
-@pytest.fixture
-def fake_libc(monkeypatch: pytest.MonkeyPatch) -> _FakeLibc:
-    libc = _FakeLibc()
-    monkeypatch.setattr(devices, "_glibc", lambda: libc)
-    return libc
-
-
-def test_memory_reuse_is_set_once_and_restored_after_the_outermost_exit(fake_libc: _FakeLibc) -> None:
+def test_memory_reuse_is_set_once_and_restored_after_the_outermost_exit(fake_libc: FakeLibc) -> None:
     with pytest.raises(RuntimeError, match="boom"), reuse_freed_cpu_memory():
         assert fake_libc.calls == KEEP
         with reuse_freed_cpu_memory():
@@ -219,7 +194,7 @@ def test_memory_reuse_is_a_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch) 
         assert torch.ones(3).sum() == 3
 
 
-def test_predict_logits_runs_with_memory_reuse(fake_libc: _FakeLibc) -> None:
+def test_predict_logits_runs_with_memory_reuse(fake_libc: FakeLibc) -> None:
     net = PointwiseNet(np.ones((2, 1)), np.zeros(2))
     logits = predict_logits(net, torch.ones(1, 1, 8, 8, 8), WindowSettings((8, 8, 8), 0.5, 1), torch.device("cpu"))
     assert torch.equal(logits, torch.ones(1, 2, 8, 8, 8))

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_case.py                          # no TTA, card settings, 2 threads, 2 runs
     python benchmarks/bench_case.py --tta run --json results.jsonl
+    python benchmarks/bench_case.py --slices 172             # a head whose brain needs 8 windows
 
 The case is ``phantom.make_phantom(seed=0)`` (BraTS geometry and intensities); the model is the BraTS
 card's SegMamba V1 with seeded default-init weights, passed to ``segment`` as a loaded network, so the
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--tta", choices=["auto", "run", "estimate", "skip"], default="auto")
     parser.add_argument("--max-tta-minutes", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
+    parser.add_argument("--slices", type=int, default=155,
+                        help="phantom slices (BraTS: 155; its brain then spans ~125 slices, i.e. 1 window in z; "
+                             "172 gives a ~139-slice brain and 2 windows in z, as a larger head needs)")
     parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,8 +105,8 @@ def main() -> None:
     print(f"machine: {machine}")
 
     start = time.perf_counter()
-    case = make_phantom(shape=(240, 240, 155), seed=args.seed)
-    print(f"phantom 240x240x155 made in {time.perf_counter() - start:.1f} s")
+    case = make_phantom(shape=(240, 240, args.slices), seed=args.seed)
+    print(f"phantom 240x240x{args.slices} made in {time.perf_counter() - start:.1f} s")
     card = find_card(args.card)
     images = [case.images[channel.key] for channel in card.channels]
     net = seeded_network(card.architecture, **card.architecture_kwargs)
@@ -130,7 +134,7 @@ def main() -> None:
               f"{tta['s_per_window']:.1f} s each; load {tta['load_average']}")
     for result in results:
         write_json(args.json, {"benchmark": "case", "card": args.card, "machine": machine, "checkpoint_load_s": load_s,
-                               **result})
+                               "shape": [240, 240, args.slices], **result})
 
 
 if __name__ == "__main__":

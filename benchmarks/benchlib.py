@@ -80,7 +80,17 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: VmHWM from /proc, because ru_maxrss survives fork + exec and would report a large parent's
+    peak for a benchmark's child process. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 

@@ -463,17 +463,24 @@ class _Runner:
 
 
 def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, cancel: CancelCallback | None) -> None:
-    """Segment the cases one after another in this process, loading the network once, when first needed."""
-    from .devices import resolve_device
+    """Segment the cases one after another in this process, loading the network once, when first needed.
+
+    Freed CPU memory stays in the process for the whole cohort, not only for one case's windows: giving
+    it back after every case made each next case fault the same ~5 GB in again, ~5 s per case on a
+    2-core VM (docs/benchmarks.md). It is released when the loop ends.
+    """
+    from .devices import resolve_device, reuse_freed_cpu_memory
     from .pipeline import load_network
 
-    for case in todo:
-        if cancel is not None and cancel():
-            raise CancelledError("Batch cancelled.")
-        if network is None and not case.problem:
-            job = runner.job
-            network = load_network(job.card, job.options.weights, resolve_device(job.options.device), job.options.folds)
-        runner.finish(run_case(runner.job, case, network, runner.case_progress(case.case_id), cancel))
+    with reuse_freed_cpu_memory():
+        for case in todo:
+            if cancel is not None and cancel():
+                raise CancelledError("Batch cancelled.")
+            if network is None and not case.problem:
+                job = runner.job
+                network = load_network(job.card, job.options.weights, resolve_device(job.options.device),
+                                       job.options.folds)
+            runner.finish(run_case(runner.job, case, network, runner.case_progress(case.case_id), cancel))
 
 
 # ---------------------------------------------------------------- worker processes
@@ -488,7 +495,7 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
     """
     import torch
 
-    from .devices import resolve_device
+    from .devices import resolve_device, reuse_freed_cpu_memory
     from .pipeline import load_network
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -505,19 +512,20 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
     except SegMambaError as exc:
         results.put(("fatal", index, f"{device}: {exc}"))
         return
-    for case in iter(tasks.get, None):
-        if orphaned():
-            return
-        results.put(("start", index, case.case_id))
+    with reuse_freed_cpu_memory():  # for the whole cohort, as in _run_here
+        for case in iter(tasks.get, None):
+            if orphaned():
+                return
+            results.put(("start", index, case.case_id))
 
-        def report(fraction: float, message: str, case_id: str = case.case_id) -> None:
-            results.put(("progress", index, case_id, fraction, message))
+            def report(fraction: float, message: str, case_id: str = case.case_id) -> None:
+                results.put(("progress", index, case_id, fraction, message))
 
-        try:
-            result = run_case(job, case, network, report, orphaned)
-        except CancelledError:
-            return
-        results.put(("done", index, dataclasses.replace(result, device=result.device or device)))
+            try:
+                result = run_case(job, case, network, report, orphaned)
+            except CancelledError:
+                return
+            results.put(("done", index, dataclasses.replace(result, device=result.device or device)))
 
 
 def _run_workers(runner: _Runner, todo: Sequence[Case], devices: Sequence[str], cancel: CancelCallback | None) -> None:
