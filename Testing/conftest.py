@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from allocator_fakes import FakeLibc
 from SegMambaSlicerLib import devices
 
@@ -58,3 +61,15 @@ def fake_libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
     libc = FakeLibc()
     monkeypatch.setattr(devices, "_glibc", lambda: libc)
     return libc
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")`` in numeric test modules).
+
+    On a shared 2-core machine a busy second core makes 2-thread runs 5-10x slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,7 @@ from torch import nn
 LISTING = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "state_dicts"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One thread: on a shared 2-core machine a busy second core makes 2-thread runs 5-10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb(module: nn.Module, seed: int = 0) -> nn.Module:

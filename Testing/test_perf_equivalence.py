@@ -8,7 +8,6 @@ allocator setting) the page faults the kernel reports.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +32,7 @@ from toy_models import PointwiseNet
 CL = torch.channels_last_3d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:

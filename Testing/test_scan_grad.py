@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import SegMambaSlicerLib.selective_scan as ss
@@ -18,13 +18,7 @@ Tensors = dict[str, torch.Tensor]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One thread: on a shared 2-core machine a busy second core makes 2-thread runs 5-10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shrink_tuning(monkeypatch: pytest.MonkeyPatch, slice_bytes: int) -> None:
