@@ -104,9 +104,10 @@ def main() -> None:
     machine = machine_info()
     print(f"machine: {machine}")
 
+    shape = [240, 240, args.slices]
     start = time.perf_counter()
-    case = make_phantom(shape=(240, 240, args.slices), seed=args.seed)
-    print(f"phantom 240x240x{args.slices} made in {time.perf_counter() - start:.1f} s")
+    case = make_phantom(shape=shape, seed=args.seed)
+    print(f"phantom {'x'.join(map(str, shape))} made in {time.perf_counter() - start:.1f} s")
     card = find_card(args.card)
     images = [case.images[channel.key] for channel in card.channels]
     net = seeded_network(card.architecture, **card.architecture_kwargs)
@@ -134,7 +135,7 @@ def main() -> None:
               f"{tta['s_per_window']:.1f} s each; load {tta['load_average']}")
     for result in results:
         write_json(args.json, {"benchmark": "case", "card": args.card, "machine": machine, "checkpoint_load_s": load_s,
-                               "shape": [240, 240, args.slices], **result})
+                               "shape": shape, **result})
 
 
 if __name__ == "__main__":

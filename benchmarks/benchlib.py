@@ -86,7 +86,7 @@ def peak_rss_mib() -> float:
     peak for a benchmark's child process. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
     """
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**10
     except OSError:

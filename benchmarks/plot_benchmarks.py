@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 REFERENCE_SCAN_S = 21.0
 STAGE0_SCANS_PER_WINDOW = 6  # two MambaLayers x three directions
 TARGET_S = 180.0
+BRATS_SHAPE = (240, 240, 155)
 
 Bar = tuple[str, float, bool]  # label, seconds per case, estimated?
 
@@ -41,15 +42,19 @@ def _before_seconds_per_window(records: list[dict[str, Any]]) -> float | None:
     return None if row is None else row["median_s"]
 
 
+def _shape(record: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(record.get("shape", BRATS_SHAPE))  # records written before bench_case's --slices existed
+
+
 def case_bars(records: list[dict[str, Any]]) -> list[Bar]:
     """Per phantom shape: official lower bound, before speed-ups (estimated), now; no TTA then 8x TTA."""
     cases = [r for r in records if r.get("benchmark") == "case"]
     before = _before_seconds_per_window(records)
     out: list[Bar] = []
-    for shape in sorted({tuple(r.get("shape", (240, 240, 155))) for r in cases}):
-        group = [r for r in cases if tuple(r.get("shape", (240, 240, 155))) == shape]
+    for size in sorted({_shape(r) for r in cases}):
+        group = [r for r in cases if _shape(r) == size]
         plain = next(r for r in group if not r["tta"])
-        tag = f"{shape[2]} slices, {plain['windows']} windows"
+        tag = f"{size[2]} slices, {plain['windows']} windows"
         out.append((f"official code, reference scan, no TTA\n(lower bound, MODELS.md §8) [{tag}]",
                     plain["windows"] * STAGE0_SCANS_PER_WINDOW * REFERENCE_SCAN_S, True))
         if before is not None:

@@ -466,8 +466,8 @@ def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, 
     """Segment the cases one after another in this process, loading the network once, when first needed.
 
     Freed CPU memory stays in the process for the whole cohort, not only for one case's windows: giving
-    it back after every case made each next case fault the same ~5 GB in again, ~5 s per case on a
-    2-core VM (docs/benchmarks.md). It is released when the loop ends.
+    it back after every case made each next case fault the same ~5 GB in again, ~6 s of a 51 s case on
+    a 2-core VM (docs/benchmarks.md). It is released when the loop ends.
     """
     from .devices import resolve_device, reuse_freed_cpu_memory
     from .pipeline import load_network

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..mixers import Mamba
+from .segmamba_v1 import MlpChannel  # the same skip head (fc1, GELU, fc2) in both versions
 from .unetr import HEAD_CHANNELS as STEM_CHANNELS
 from .unetr import (
     add_unetr_blocks,
@@ -82,19 +83,6 @@ class LargeKernelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.se(self.deep_path(x) + self.shortcut_path(x) + x)
-
-
-class MlpChannel(nn.Module):
-    """1×1×1 conv C→2C, exact GELU, 1×1×1 conv 2C→C (the skip-feature head; no residual)."""
-
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv3d(channels, hidden, 1)
-        self.act = nn.GELU()
-        self.fc2 = nn.Conv3d(hidden, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class MambaLayer(nn.Module):
