@@ -21,7 +21,7 @@ from SegMambaSlicerLib.networks.mambaclinix import (
     num_segmentation_heads,
     resolve_configuration,
 )
-from shared_data import FIXTURES, read_listing
+from shared_data import FIXTURES, RECIPE_SUM_RTOL, read_listing
 
 
 def _plans(kernels, strides, base=32, cap=320, encoder=None, decoder=None) -> dict:
@@ -215,7 +215,7 @@ def test_small_fixture_recipe_weights():
     weights = fw.fixture_state_dict(shapes, seed=fx["weight_seed"])
     sums = torch.tensor([w.double().sum().item() for w in weights.values()], dtype=torch.float64)
     torch.testing.assert_close(
-        sums, torch.tensor(fx["state_dict_sum"], dtype=torch.float64), rtol=1e-9, atol=1e-9
+        sums, torch.tensor(fx["state_dict_sum"], dtype=torch.float64), rtol=RECIPE_SUM_RTOL, atol=1e-9
     )
     diff, seconds = _check_fixture(fx, model, weights)
     print(f"mambaclinix_small: max|Δ| {diff:.2e}, forward {seconds:.2f} s")

@@ -13,6 +13,7 @@ from SegMambaSlicerLib.errors import ModelCardError
 from SegMambaSlicerLib.mixers import set_scan_backend
 from SegMambaSlicerLib.networks import build_network
 from SegMambaSlicerLib.networks.segmamba_v1 import InputSizeError, SegMambaV1
+from shared_data import RECIPE_SUM_RTOL
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -86,7 +87,7 @@ def load_fixture(name: str, fixture_weights) -> tuple[dict, dict[str, torch.Tens
     state = fixture_weights.fixture_state_dict(shapes, seed=fx["weight_seed"])
     for key, want in zip(fx["state_dict_keys"], fx["state_dict_sum"], strict=True):
         got = state[key].double().sum().item()
-        assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9), f"regenerated weight {key} differs"
+        assert math.isclose(got, want, rel_tol=RECIPE_SUM_RTOL, abs_tol=1e-9), f"regenerated weight {key} differs"
     return fx, state
 
 

@@ -11,7 +11,7 @@ from SegMambaSlicerLib.errors import InputImageError, ModelCardError
 from SegMambaSlicerLib.networks import build_network
 from SegMambaSlicerLib.networks.segmamba_v2 import SegMambaV2
 from SegMambaSlicerLib.networks.unetr import NetworkConfigError
-from shared_data import FIXTURES, read_listing
+from shared_data import FIXTURES, RECIPE_SUM_RTOL, read_listing
 
 
 def _fixture_weights():
@@ -35,7 +35,7 @@ def _run_fixture(name: str) -> tuple[float, float]:
     weights = fw.fixture_state_dict(shapes, seed=fx["weight_seed"])
     sums = torch.tensor([w.double().sum().item() for w in weights.values()], dtype=torch.float64)
     torch.testing.assert_close(
-        sums, torch.tensor(fx["state_dict_sum"], dtype=torch.float64), rtol=1e-9, atol=1e-9
+        sums, torch.tensor(fx["state_dict_sum"], dtype=torch.float64), rtol=RECIPE_SUM_RTOL, atol=1e-9
     )
     model.load_state_dict(weights, strict=True)
     x = fw.fixture_input(fx["input_shape"], seed=fx["input_seed"])
