@@ -467,7 +467,10 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError("Segmentation failed.", exc)
             return
         windows = f"{result.windows} window{'s' if result.windows != 1 else ''}"
-        self._endRun(f"Done in {result.seconds:.0f} s on {result.device} ({windows}).")
+        for warning in result.warnings:
+            self._log(f"Warning: {warning}")
+        caveat = f" {len(result.warnings)} warning(s) about the inputs: see the log." if result.warnings else ""
+        self._endRun(f"Done in {result.seconds:.0f} s on {result.device} ({windows}).{caveat}")
         self._parameterNode.outputSegmentation = node
         self._showResult(node, result, run.input_nodes[0])
 

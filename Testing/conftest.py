@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,21 @@ import SimpleITK as sitk
 import torch
 from allocator_fakes import FakeLibc
 from SegMambaSlicerLib import devices
+from SegMambaSlicerLib.cache import ENV_VAR
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch the user's cache folder (weights checksums, imports, samples)."""
+    monkeypatch.setenv(ENV_VAR, str(tmp_path_factory.getbasetemp() / "segmamba-home"))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh cache folder of this test's own, selected through the environment variable."""
+    folder = tmp_path / "home"
+    monkeypatch.setenv(ENV_VAR, str(folder))
+    return folder
 
 
 @pytest.fixture

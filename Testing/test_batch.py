@@ -8,51 +8,34 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import queue
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from allocator_fakes import KEEP, RESTORE
+from interrupted_runs import signal_while_writing
 from SegMambaSlicerLib import batch
 from SegMambaSlicerLib.batch import DONE, FAILED, SKIPPED, BatchError, discover_cases, segment_folder
 from SegMambaSlicerLib.cards import load_card
 from SegMambaSlicerLib.errors import CancelledError, DeviceError
-from SegMambaSlicerLib.networks.segmamba_v1 import SegMambaV1
 from SegMambaSlicerLib.phantom import MODALITIES, make_phantom, write_brats_case
 from SegMambaSlicerLib.pipeline import SegmentOptions, segment
-from SegMambaSlicerLib.resources import models_dir
-from toy_models import PointwiseNet
+from toy_models import PointwiseNet, write_tiny_brats_card
 
 CPU = SegmentOptions(device="cpu")
 GOOD = ("Case-A", "Case-B")
 CORRUPT = "Case-C"
-TINY_KWARGS = {"in_chans": 4, "out_chans": 4, "feat_size": [48, 8, 8, 8], "hidden_size": 16,
-               "depths": [1, 1, 1, 1], "nslices": [16, 8, 4, 2]}
 
 
 @pytest.fixture(scope="module")
 def tiny_card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The BraTS card with a tiny SegMamba V1, 32³ windows and seeded random weights saved beside it."""
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    torch.save(SegMambaV1(**TINY_KWARGS).state_dict(), folder / "tiny.pt")
-    data = json.loads((models_dir() / "segmamba-brats2023.json").read_text(encoding="utf-8"))
-    data.update(id="tiny-segmamba", architecture={"name": "segmamba_v1", "kwargs": TINY_KWARGS},
-                weights={"kind": "file", "file": "tiny.pt"})
-    data["inference"].update(roi_size=[32, 32, 32], sw_batch_size=1)
-    path = folder / "tiny.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    return write_tiny_brats_card(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +115,7 @@ def test_summary_lists_every_case_with_independently_measured_volumes(first_run,
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["case", "status", "seconds", "device", "windows", "Necrotic tumor core (mL)",
                              "Peritumoral edema (mL)", "Enhancing tumor (mL)", "TC (mL)", "WT (mL)", "ET (mL)",
-                             "output", "error"]
+                             "output", "error", "warnings"]
     assert [(r["case"], r["status"]) for r in rows] == [(GOOD[0], DONE), (GOOD[1], DONE), (CORRUPT, FAILED)]
     for row in rows[:2]:
         image = sitk.ReadImage(str(out / f"{row['case']}.nii.gz"))
@@ -178,6 +161,69 @@ def test_rerun_skips_finished_cases_and_exits_non_zero_for_the_failed_one(first_
         assert rows[case_id]["WT (mL)"] == before[case_id]["WT (mL)"]
 
 
+def test_resume_redoes_outputs_that_are_incomplete_or_on_another_grid(first_run, cohort, tiny_card_path,
+                                                                      tmp_path) -> None:
+    """A label map cut short (SimpleITK reads the missing voxels as 0) or on another grid is not 'done'."""
+    _, first_out, _, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    truncated = out / f"{GOOD[0]}.nii.gz"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    other_grid = out / f"{GOOD[1]}.nii.gz"
+    sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkUInt8), str(other_grid))
+    result = segment_folder(cohort, out, tiny_card_path, CPU, network=_pointwise())
+    statuses = {c.case_id: c.status for c in result.cases}
+    assert statuses == {GOOD[0]: DONE, GOOD[1]: DONE, CORRUPT: FAILED}
+    for case_id in GOOD:
+        written = sitk.ReadImage(str(out / f"{case_id}.nii.gz"))
+        assert written.GetSize() == sitk.ReadImage(str(cohort / case_id / f"{case_id}-t2w.nii.gz")).GetSize()
+
+
+def test_a_full_disk_ends_the_batch_with_one_line_and_no_empty_outputs(cohort, tiny_card_path, tmp_path,
+                                                                       capsys) -> None:
+    from filesystems import fill_up, mounted_tmpfs
+    from SegMambaSlicerLib.cli import main
+
+    with mounted_tmpfs(tmp_path / "disk", 256) as disk:
+        (disk / "out").mkdir()
+        fill_up(disk, leave=6000)  # room for the summary, not for a label map
+        code = main(["batch", str(cohort), str(disk / "out"), "-m", str(tiny_card_path), "--device", "cpu",
+                     "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Could not write the label map" in errors[0] and "Traceback" not in err
+        leftovers = [p for p in (disk / "out").iterdir() if p.name != "summary.csv"]
+        assert leftovers == []  # no 0-byte or partial label map, no temporary file
+
+
+def test_a_read_only_output_folder_is_refused_before_any_case(cohort, tiny_card_path, tmp_path, capsys) -> None:
+    from filesystems import mounted_tmpfs
+    from SegMambaSlicerLib.cli import main
+
+    with mounted_tmpfs(tmp_path / "ro", 64, read_only=True) as ro:
+        code = main(["batch", str(cohort), str(ro), "-m", str(tiny_card_path), "--device", "cpu"])
+        err = capsys.readouterr().err
+    assert code == 1 and err.count("error: ") == 1 and "Read-only file system" in err
+    assert "case" not in err.split("error: ")[0]  # nothing was segmented first
+
+
+def test_an_existing_output_that_is_an_input_is_never_replaced(tiny_card_path, tmp_path) -> None:
+    """--overwrite with an output name that is (a hard link of) an input: the case fails, the input stays."""
+    source = tmp_path / "in"
+    write_brats_case(make_phantom(shape=(24, 24, 16), seed=4), source, "Case-H")
+    out = tmp_path / "out"
+    out.mkdir()
+    t1c = source / "Case-H" / "Case-H-t1c.nii.gz"
+    os.link(t1c, out / "Case-H.nii.gz")
+    before = t1c.read_bytes()
+    result = segment_folder(source, out, tiny_card_path, CPU, overwrite=True, network=_pointwise())
+    assert [c.status for c in result.cases] == [FAILED]
+    assert "would destroy the input" in result.cases[0].error
+    assert t1c.read_bytes() == before
+
+
 def test_cpu_workers_give_the_in_process_results(first_run, cohort, tiny_card_path, tmp_path) -> None:
     _, first_out, _, _ = first_run
     out = tmp_path / "out"
@@ -197,35 +243,14 @@ def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort,
     source = tmp_path / "in"
     shutil.copytree(cohort / GOOD[0], source / GOOD[0])
     out, marker = tmp_path / "out", tmp_path / "writing"
-    script = tmp_path / "slow_batch.py"
-    script.write_text(
-        "import os, sys, time\nimport SimpleITK as sitk\n"
-        "real = sitk.WriteImage\n"
-        "def slow(image, path, *args):\n"
-        "    real(image, path, *args)\n"
-        f"    open({str(marker)!r} + '.tmp', 'w').write(str(path))\n"
-        f"    os.replace({str(marker)!r} + '.tmp', {str(marker)!r})\n"
-        "    time.sleep(300)\n"
-        "sitk.WriteImage = slow\n"
-        "import torch\n"
-        "from SegMambaSlicerLib.batch import segment_folder\n"
-        "from SegMambaSlicerLib.pipeline import SegmentOptions\n"
-        "segment_folder(sys.argv[1], sys.argv[2], sys.argv[3], SegmentOptions(device='cpu'),\n"
-        "               network=torch.nn.Conv3d(4, 4, 1).eval())\n",
-        encoding="utf-8",
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    child = subprocess.Popen([sys.executable, str(script), str(source), str(out), str(tiny_card_path)], env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), f"the batch never started writing (exit code {child.poll()})"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    body = ("import torch\n"
+            "from SegMambaSlicerLib.batch import segment_folder\n"
+            "from SegMambaSlicerLib.pipeline import SegmentOptions\n"
+            "segment_folder(sys.argv[1], sys.argv[2], sys.argv[3], SegmentOptions(device='cpu'),\n"
+            "               network=torch.nn.Conv3d(4, 4, 1).eval())\n")
+    code, _ = signal_while_writing(tmp_path / "slow_batch.py", body, [str(source), str(out), str(tiny_card_path)],
+                                   marker, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     temporary = Path(marker.read_text(encoding="utf-8"))
     assert temporary.parent == out and temporary.name.startswith(f".{GOOD[0]}.nii.gz.") and temporary.exists()
     assert _visible_files(out) == []

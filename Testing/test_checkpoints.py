@@ -55,18 +55,49 @@ class _Evil:
         return (print, ("this would run code",))
 
 
-def test_pickled_code_is_refused(tmp_path: Path) -> None:
+class _Custom:
+    """A plain class of the training code: unpickling it would import and run that code."""
+
+    def __init__(self) -> None:
+        self.epoch = 3
+
+
+@pytest.mark.parametrize(("extra", "needed"), [(_Evil(), "print"), (_Custom(), "_Custom")], ids=["reduce", "class"])
+def test_pickled_code_is_refused_and_named(tmp_path: Path, extra: object, needed: str) -> None:
     path = tmp_path / "evil.pt"
-    torch.save({"state_dict": Small().state_dict(), "extra": _Evil()}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    torch.save({"state_dict": Small().state_dict(), "extra": extra}, path)
+    with pytest.raises(CheckpointError) as caught:
         load_state_dict_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} contains Python objects (") and needed in message
+    assert "could run code when loaded, so it was refused" in message
+    assert "weights_only" not in message and "safe_globals" not in message and "\n" not in message
 
 
-def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
-    path = tmp_path / "notes.pt"
-    path.write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint|refused"):
-        load_state_dict_file(path)
+def _truncated_zip(path: Path) -> bytes:
+    torch.save(Small().state_dict(), path)
+    return path.read_bytes()[:300]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda path: b"",
+        lambda path: b"hello, these are notes\n",
+        lambda path: b"checkpoint of epoch 3\nloss 0.1\n",  # starts like a pickled GLOBAL that is no Python name
+        lambda path: bytes(range(256)) * 16,
+        _truncated_zip,
+    ],
+    ids=["empty", "text", "text-like-global", "binary", "truncated-zip"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_called_unreadable(tmp_path: Path, content) -> None:
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content(path))
+    with pytest.raises(CheckpointError) as caught:
+        load_state_dict_file(path, shown_as="my model.pt")
+    message = str(caught.value)
+    assert message.startswith("my model.pt is not a readable PyTorch checkpoint (it may be damaged or not a checkpoint)")
+    assert "could run code" not in message and "weights_only" not in message and "\n" not in message
 
 
 def test_non_state_dict_content_is_refused() -> None:

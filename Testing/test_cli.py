@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from local_http import serve_folder
 from PIL import Image
 from SegMambaSlicerLib import downloads, registry
-from SegMambaSlicerLib.cache import ENV_VAR, downloaded_weights_path
+from SegMambaSlicerLib.cache import downloaded_weights_path
 from SegMambaSlicerLib.cards import builtin_cards, load_card
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
 from SegMambaSlicerLib.measure import volumes_ml
@@ -27,13 +25,6 @@ from SegMambaSlicerLib.seg_nrrd import read_seg_nrrd
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segmamba_v1_tiny.pt"
 BRATS = "segmamba-brats2023"
 PAYLOAD = bytes(range(256)) * 400
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "home"
-    monkeypatch.setenv(ENV_VAR, str(folder))
-    return folder
 
 
 def _one_line_error(text: str) -> str:
@@ -90,29 +81,15 @@ def test_import_of_a_file_that_is_not_a_checkpoint_leaves_nothing(home, tmp_path
 # ---------------------------------------------------------------- models download
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep test output quiet."""
-
-
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Base URL of a 127.0.0.1 server whose /w.pt holds PAYLOAD; no proxy, no retry pauses."""
-    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setattr(downloads, "RETRY_BACKOFF_S", 0.0)
     root = tmp_path / "www"
     root.mkdir()
     (root / "w.pt").write_bytes(PAYLOAD)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(root, monkeypatch) as url:
+        yield url
 
 
 def _url_card(home: Path, model_id: str, url: str, sha256: str) -> None:

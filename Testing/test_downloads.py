@@ -298,9 +298,16 @@ def test_download_exceptions_share_one_base() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "sha"),
-    [("ftp://127.0.0.1/w.pt", None), ("http://127.0.0.1/w.pt", "abc"), ("http://127.0.0.1/w.pt", "g" * 64)],
+    ("url", "sha", "message"),
+    [
+        ("ftp://127.0.0.1/w.pt", None, "only http:// and https://"),
+        ("file:///etc/hostname", PAYLOAD_SHA, "only http:// and https://"),
+        ("http://127.0.0.1/w.pt", "abc", "not a SHA-256"),
+        ("http://127.0.0.1/w.pt", "g" * 64, "not a SHA-256"),
+    ],
 )
-def test_invalid_arguments_are_rejected_before_any_request(url: str, sha: str | None, tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_arguments_are_user_errors_before_any_request(url: str, sha: str | None, message: str,
+                                                              tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=message):  # a SegMambaError: the CLI prints it and exits 1
         download_file(url, tmp_path / "w.pt", sha)
+    assert list(tmp_path.iterdir()) == []

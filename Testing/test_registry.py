@@ -35,14 +35,6 @@ FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segmamb
 BRATS = "segmamba-brats2023"
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh cache folder selected through the environment variable."""
-    folder = tmp_path / "home"
-    monkeypatch.setenv(ENV_VAR, str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_state_dict() -> dict[str, torch.Tensor]:
     """The official-format state dict of the tiny SegMamba V1 fixture (all 291 official key names)."""

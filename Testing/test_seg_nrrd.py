@@ -7,6 +7,7 @@ import gzip
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from SegMambaSlicerLib.atomic import OutputError
 from SegMambaSlicerLib.cards import builtin_cards
 from SegMambaSlicerLib.seg_nrrd import SegmentationFileError, read_seg_nrrd, write_seg_nrrd
 
@@ -162,7 +163,7 @@ def test_reader_handles_a_file_cropped_by_slicer(mrml_scene, tmp_path, oblique_l
 def test_write_failure_is_reported_and_leaves_no_partial_file(tmp_path, oblique_labelmap):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(SegmentationFileError, match="Could not write"):
+    with pytest.raises(OutputError, match="Could not write"):
         write_seg_nrrd(oblique_labelmap, LABELS, blocker / "out.seg.nrrd")
     target = tmp_path / "kept.seg.nrrd"
     target.write_bytes(b"previous result")

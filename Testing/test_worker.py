@@ -195,6 +195,15 @@ def test_worker_streams_progress_and_equals_in_process_run(tiny_card, one_thread
     assert not worker.folder.exists()  # temporary inputs and output removed
 
 
+def test_warnings_about_the_inputs_come_back_from_the_worker(tiny_card, one_thread) -> None:
+    array = sitk.GetArrayFromImage(_volume((20, 28, 40), seed=2))
+    array[3, 4, 5] = np.nan
+    image = sitk.GetImageFromArray(array)
+    result = WorkerProcess([image], tiny_card, CPU, threads=1).run()
+    assert result.warnings == segment([image], tiny_card, CPU).warnings
+    assert len(result.warnings) == 1 and "1 voxel of the T1 image (0.0045%) is not a number" in result.warnings[0]
+
+
 @posix_only
 def test_cancel_kills_the_process_group_within_two_seconds(tiny_card) -> None:
     worker = WorkerProcess([_volume((96, 96, 96), seed=1)], tiny_card, CPU, threads=1)  # 125 windows

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from SegMambaSlicerLib.cards import ModelCard, card_from_dict
+from SegMambaSlicerLib.resources import models_dir
 from torch import nn
+
+#: A SegMamba V1 small enough for 32³ windows in a fraction of a second on one core.
+TINY_SEGMAMBA_KWARGS = {"in_chans": 4, "out_chans": 4, "feat_size": [48, 8, 8, 8], "hidden_size": 16,
+                        "depths": [1, 1, 1, 1], "nslices": [16, 8, 4, 2]}
+
+
+def write_tiny_brats_card(folder: Path) -> Path:
+    """The BraTS card with a tiny SegMamba V1 (32³ windows) and seeded random weights saved beside it.
+
+    Its outputs mean nothing clinically, but they depend on every input channel, through the real
+    pipeline, checkpoint loading and network.
+    """
+    from SegMambaSlicerLib.networks.segmamba_v1 import SegMambaV1
+
+    torch.manual_seed(0)
+    torch.save(SegMambaV1(**TINY_SEGMAMBA_KWARGS).state_dict(), folder / "tiny.pt")
+    data = json.loads((models_dir() / "segmamba-brats2023.json").read_text(encoding="utf-8"))
+    data.update(id="tiny-segmamba", architecture={"name": "segmamba_v1", "kwargs": TINY_SEGMAMBA_KWARGS},
+                weights={"kind": "file", "file": "tiny.pt"})
+    data["inference"].update(roi_size=[32, 32, 32], sw_batch_size=1)
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
 
 
 def toy_card(channels: int = 2, labels: int = 2, roi: int = 16, **inference: Any) -> ModelCard:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import glob
 import io
 import logging
 import multiprocessing
@@ -32,11 +31,19 @@ from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import SimpleITK as sitk
 
+from .atomic import (
+    OutputError,
+    check_writable,
+    refuse_overwriting_inputs,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from .cards import ModelCard
 from .errors import CancelledError, InputImageError, SegMambaError
-from .imageio import find_case_channels, read_image, write_image_atomic
+from .imageio import find_case_channels, is_image_file, read_image, read_image_file, write_image_atomic
 from .measure import volumes_ml
 
 if TYPE_CHECKING:  # torch and the pipeline are imported on use: the command line should start fast
@@ -55,7 +62,6 @@ DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 SUMMARY_NAME = "summary.csv"
 OUTPUT_SUFFIX = ".nii.gz"
 PREVIEW_SUFFIX = ".png"
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Seconds between checks for cancellation and for workers that died while the parent waits.
 _POLL_SECONDS = 0.5
 
@@ -85,6 +91,7 @@ class CaseResult:
     volumes: dict[str, float] = field(default_factory=dict)
     output: Path | None = None
     error: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,7 @@ def discover_cases(input_dir: PathLike, card: ModelCard, pattern: str | None = N
 
 
 def _has_image_files(folder: Path) -> bool:
-    return any(p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not p.name.startswith(".")
-               for p in folder.iterdir())
+    return any(is_image_file(p) for p in folder.iterdir())
 
 
 def _brats_cases(root: Path, card: ModelCard, skip: Path | None) -> list[Case]:
@@ -229,27 +235,45 @@ def preview_path(output_dir: Path, case_id: str) -> Path:
     return output_dir / f"{case_id}{PREVIEW_SUFFIX}"
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete hidden ``.<name>.*`` files an interrupted write of ``path`` left behind."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        stale.unlink(missing_ok=True)
+def existing_volumes(path: Path, card: ModelCard, reference: Path | None = None) -> dict[str, float] | None:
+    """Volumes of a finished case's label map, or None when it is absent, incomplete or off-grid (then redone).
 
-
-def existing_volumes(path: Path, card: ModelCard) -> dict[str, float] | None:
-    """Volumes of a finished case's label map, or None when it is absent or unreadable (then it is redone)."""
+    Only an output that reads back completely (a NIfTI cut short by a full disk is refused, see
+    :func:`.imageio.read_image_file`) on the grid of ``reference`` (the case's first input) counts.
+    """
     if not path.is_file():
         return None
     try:
-        return volumes_ml(sitk.ReadImage(str(path)), card)
-    except (RuntimeError, TypeError, ValueError) as exc:  # unreadable, or not a label map
+        labelmap = read_image_file(path, "existing output")
+        if reference is not None and not same_grid(labelmap, reference):
+            log.warning("Segmenting %s again: the existing output is not on the grid of %s.", path.name,
+                        reference.name)
+            return None
+        return volumes_ml(labelmap, card)
+    except (SegMambaError, RuntimeError, TypeError, ValueError, IndexError) as exc:  # unreadable or not labels
         log.warning("Segmenting %s again: the existing output cannot be read (%s).", path.name, exc)
         return None
 
 
+def same_grid(image: sitk.Image, reference: Path) -> bool:
+    """Whether ``image`` lies on the voxel grid of the image file ``reference`` (its header is read only)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    reader.ReadImageInformation()
+    return (
+        tuple(image.GetSize()) == tuple(reader.GetSize())
+        and np.allclose(image.GetSpacing(), reader.GetSpacing(), rtol=1e-5, atol=1e-5)
+        and np.allclose(image.GetOrigin(), reader.GetOrigin(), rtol=1e-5, atol=1e-3)
+        and np.allclose(image.GetDirection(), reader.GetDirection(), atol=1e-5)
+    )
+
+
 def summary_columns(card: ModelCard) -> list[str]:
-    """case, status, seconds, device, windows, one ``<name> (mL)`` column per label and region, output, error."""
+    """case, status, seconds, device, windows, one ``<name> (mL)`` column per label and region, output, error,
+    warnings (about the inputs, e.g. a channel without contrast)."""
     names = [label.name for label in card.labels] + [region.name for region in card.regions]
-    return ["case", "status", "seconds", "device", "windows", *(f"{n} (mL)" for n in names), "output", "error"]
+    return ["case", "status", "seconds", "device", "windows", *(f"{n} (mL)" for n in names), "output", "error",
+            "warnings"]
 
 
 def write_summary(results: Sequence[CaseResult], card: ModelCard, path: Path) -> Path:
@@ -261,17 +285,8 @@ def write_summary(results: Sequence[CaseResult], card: ModelCard, path: Path) ->
     for r in results:
         volumes = [f"{r.volumes[n]:.6f}" if n in r.volumes else "" for n in names]
         writer.writerow([r.case_id, r.status, f"{r.seconds:.2f}", r.device, r.windows or "", *volumes,
-                         "" if r.output is None else str(r.output), r.error])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BatchError(f"Could not write {path}: {exc.strerror or exc}. Choose a folder you can write to.") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+                         "" if r.output is None else str(r.output), r.error, " ".join(r.warnings)])
+    return write_text_atomic(path, buffer.getvalue(), what="batch summary")
 
 
 # ---------------------------------------------------------------- one case
@@ -297,9 +312,9 @@ def run_case(job: _Job, case: Case, network: nn.Module | None, progress: Progres
     try:
         if case.problem:
             raise InputImageError(case.problem)
-        _remove_stale_temporaries(output)
+        refuse_overwriting_inputs([output, preview_path(job.output_dir, case.case_id)], case.inputs)
+        remove_stale_temporaries(output)
         result = segment(list(case.inputs), job.card, job.options, progress, cancel, network)
-        write_image_atomic(result.labelmap, output)
     except CancelledError:
         raise
     except SegMambaError as exc:
@@ -308,9 +323,10 @@ def run_case(job: _Job, case: Case, network: nn.Module | None, progress: Progres
         log.exception("Case %s failed unexpectedly", case.case_id)
         return CaseResult(case.case_id, FAILED, time.perf_counter() - start,
                           error=f"unexpected {type(exc).__name__}: {exc}")
+    write_image_atomic(result.labelmap, output)  # a full disk or lost folder ends the batch (OutputError)
     error = _write_preview(job, case, result.labelmap) if job.preview else ""
     return CaseResult(case.case_id, DONE, time.perf_counter() - start, result.device, result.windows,
-                      result.volumes, output, error)
+                      result.volumes, output, error, result.warnings)
 
 
 def _write_preview(job: _Job, case: Case, labelmap: sitk.Image) -> str:
@@ -319,7 +335,7 @@ def _write_preview(job: _Job, case: Case, labelmap: sitk.Image) -> str:
 
     path = preview_path(job.output_dir, case.case_id)
     try:
-        _remove_stale_temporaries(path)
+        remove_stale_temporaries(path)
         write_preview_png(read_image(case.inputs[0]), labelmap, job.card, path)
     except SegMambaError as exc:
         log.warning("No preview for %s: %s", case.case_id, exc)
@@ -333,7 +349,7 @@ def _skipped(job: _Job, case: Case) -> CaseResult | None:
     A preview that was asked for but is missing is made from the existing label map.
     """
     output = output_path(job.output_dir, case.case_id)
-    volumes = existing_volumes(output, job.card)
+    volumes = existing_volumes(output, job.card, case.inputs[0] if case.inputs else None)
     if volumes is None:
         return None
     error = ""
@@ -380,11 +396,11 @@ def segment_folder(
     card = model if isinstance(model, ModelCard) else resolve_model(model)
     options = options or SegmentOptions()
     out = Path(output_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BatchError(f"Cannot create the output folder {out}: {exc.strerror or exc}.") from exc
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"The output folder {out} is a file; give a folder for the results.")
     summary = Path(summary_csv).expanduser() if summary_csv else out / SUMMARY_NAME
+    check_writable(out / output_path(out, "case").name, what="label maps")
+    check_writable(summary, suffixes=(".csv",), what="batch summary")
     devices = _check_devices(devices, network)
     cases = discover_cases(input_dir, card, pattern, skip=out)
     runner = _Runner(cases, _Job(card, options, out, preview), summary, progress, on_case)
@@ -486,6 +502,10 @@ def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, 
 # ---------------------------------------------------------------- worker processes
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueue, results: MPQueue) -> None:
     """A worker process: load the network on ``device`` once, then segment cases from ``tasks`` until None.
 
@@ -499,6 +519,7 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
     from .pipeline import load_network
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the parent's terminate(): unwind, removing temporaries
     torch.set_num_threads(threads)
     parent = multiprocessing.parent_process()
 
@@ -524,6 +545,9 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
             try:
                 result = run_case(job, case, network, report, orphaned)
             except CancelledError:
+                return
+            except OutputError as exc:  # the disk is full or the folder went away: no case can be written
+                results.put(("output", index, str(exc)))
                 return
             results.put(("done", index, dataclasses.replace(result, device=result.device or device)))
 
@@ -593,6 +617,8 @@ def _handle(message: tuple, runner: _Runner, current: dict[int, str], fatal: dic
     elif kind == "fatal":
         fatal[index] = message[2]
         log.error("Worker %s", message[2])
+    elif kind == "output":
+        raise OutputError(message[2])
 
 
 def _reap(runner: _Runner, workers: Sequence[BaseProcess], devices: Sequence[str], current: dict[int, str],
@@ -671,7 +697,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
             return
         where = f" on {result.device}" if result.device else ""
         line = f"{result.case_id}: {result.status}" + (f" in {result.seconds:.1f} s{where}" if result.seconds else "")
-        print(line + (f" - {result.error}" if result.error else ""), file=sys.stderr if progress else sys.stdout)
+        stream = sys.stderr if progress else sys.stdout
+        print(line + (f" - {result.error}" if result.error else ""), file=stream)
+        for warning in result.warnings:
+            print(f"  warning: {warning}", file=stream)
 
     result = segment_folder(
         args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,

@@ -1,14 +1,16 @@
-"""Reading official checkpoints safely and matching them to our networks.
+"""Reading official checkpoints safely, checking weights against their card, matching them to our networks.
 
 Checkpoints come from strangers, so they are only ever read with
 ``torch.load(weights_only=True)``: a file that needs arbitrary pickled code is refused.
 Official files come in several wrappings (bare state dict, ``{"module": sd}``,
 ``{"state_dict": sd}``, DDP ``module.`` prefixes); all are unwrapped here, then loaded with
-strict key matching and a readable summary when they do not fit.
+strict key matching and a readable summary when they do not fit. Weights whose card names a
+SHA-256 are checked against it before they are read (:func:`verified_weights_path`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -19,31 +21,98 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache import file_sha256, user_models_dir
+from .cards import ModelCard
 from .errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 
 _WRAPPER_KEYS = ("state_dict", "module", "model", "network_weights")
 _PREFIXES = ("module.", "_orig_mod.")
+#: How torch's weights-only unpickler names a refused class or function (a dotted Python name).
+_REFUSED_GLOBAL_RE = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
-def read_checkpoint(path: str | Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` and errors a user can act on."""
+class WeightsChangedError(CheckpointError):
+    """A weights file differs from the SHA-256 its card names: changed, damaged or replaced after install."""
+
+
+def read_checkpoint(path: str | Path, shown_as: str | Path | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True`` and errors a user can act on.
+
+    ``shown_as`` is the name the user knows the file by (e.g. the file they import, rather than the
+    staging copy that is read). Torch's own advice to load with ``weights_only=False`` is never passed
+    on: that would run whatever code the file carries.
+    """
     path = Path(path).expanduser()
+    name = shown_as or path
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint file {path} does not exist.")
+        raise CheckpointError(f"Checkpoint file {name} does not exist.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except OSError as exc:
+        raise CheckpointError(f"Checkpoint file {name} cannot be read ({exc.strerror or exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
+        refused = _refused_global(exc)
+        if refused is None:
+            raise CheckpointError(
+                f"{name} is not a readable PyTorch checkpoint (it may be damaged or not a checkpoint); copy or "
+                "download it again, or choose the right file."
+            ) from None
         raise CheckpointError(
-            f"{path.name} contains Python objects that could run code when loaded, so it was refused "
-            "(only plain tensors are accepted). Re-save it with torch.save(model.state_dict(), FILE) "
-            f"in the environment that trained it. Details: {str(exc).splitlines()[0]}"
+            f"{name} contains Python objects ({refused}) that could run code when loaded, so it was refused "
+            "(only plain tensors are accepted). Re-save it with torch.save(model.state_dict(), FILE) in the "
+            "environment that trained it."
         ) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(
-            f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})."
-        ) from None
+
+
+def _refused_global(exc: Exception) -> str | None:
+    """The class or function a real pickle needs that the weights-only unpickler refused, if that is why.
+
+    Other failures (random bytes, text, an empty or truncated file) are not refusals even when torch
+    reports them as unpickling errors; a text file starting with "c" even yields a "GLOBAL" that is not
+    a Python name.
+    """
+    if not isinstance(exc, pickle.UnpicklingError):
+        return None
+    match = _REFUSED_GLOBAL_RE.search(str(exc))
+    if match is None or not all(part.isidentifier() for part in match.group(1).split(".")):
+        return None
+    return match.group(1)
+
+
+def verified_weights_path(card: ModelCard, cache: str | os.PathLike[str] | None = None) -> Path | None:
+    """The card's weights file, checked against the card's SHA-256 before anything reads it.
+
+    Returns ``card.weights_path()`` unchanged when the card names no checksum or the file is absent
+    (the reader reports a missing file). The hash is remembered per file version in the cache (see
+    :func:`.cache.file_sha256`), so only the first run after a change pays for hashing. Weights a user
+    passes explicitly (``--weights``) are not the card's and must not be checked with this.
+    """
+    path = card.weights_path()
+    expected = card.weights.sha256
+    if path is None or expected is None or not path.is_file():
+        return path
+    try:
+        actual = file_sha256(path, cache)
+    except OSError as exc:
+        raise CheckpointError(f"The weights file {path} of {card.id} cannot be read ({exc.strerror or exc}).") from None
+    if actual != expected.lower():
+        raise WeightsChangedError(
+            f"The weights file {path} has SHA-256 {actual} but the card of {card.id} expects {expected}: it was "
+            f"changed or damaged after it was installed. {_restore_advice(card, path, cache)}"
+        )
+    return path
+
+
+def _restore_advice(card: ModelCard, path: Path, cache: str | os.PathLike[str] | None) -> str:
+    """How to get the right file back, by where the weights came from."""
+    if card.weights.kind == "url" and card.weights.url:
+        return f"Download it again with: segmamba-slicer models download {card.id}"
+    if card.source_path is not None and card.source_path.parent.parent == user_models_dir(cache).resolve():
+        return (f"Delete the folder {card.source_path.parent} and import the original checkpoint again with: "
+                f"segmamba-slicer models import FILE --id {card.id}")
+    return f"Reinstall the extension (or restore the original {path.name}) so that it matches the card."
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -52,8 +121,11 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def extract_state_dict(obj: Any) -> StateDict:
-    """Unwrap the official container formats and strip DDP / torch.compile prefixes."""
+def extract_state_dict(obj: Any, source: str = "The checkpoint") -> StateDict:
+    """Unwrap the official container formats and strip DDP / torch.compile prefixes.
+
+    ``source`` starts the error message, so callers can name the file.
+    """
     for _ in range(3):
         if _is_state_dict(obj):
             break
@@ -63,7 +135,7 @@ def extract_state_dict(obj: Any) -> StateDict:
                 obj = inner
                 continue
         raise CheckpointError(
-            "The checkpoint does not hold a network state dict (expected a dict of tensors, "
+            f"{source} does not hold a network state dict (expected a dict of tensors, "
             "or one under 'state_dict', 'module' or 'network_weights')."
         )
     sd: StateDict = {}
@@ -82,9 +154,9 @@ def _rename_legacy(sd: StateDict) -> StateDict:
     return {re.sub(r"^vit\.slice_attns\.", "vit.gscs.", k): v for k, v in sd.items()}
 
 
-def load_state_dict_file(path: str | Path) -> StateDict:
-    """Read a checkpoint file and return its plain state dict."""
-    return extract_state_dict(read_checkpoint(path))
+def load_state_dict_file(path: str | Path, shown_as: str | Path | None = None) -> StateDict:
+    """Read a checkpoint file and return its plain state dict; errors name ``shown_as`` or ``path``."""
+    return extract_state_dict(read_checkpoint(path, shown_as), source=str(shown_as or Path(path).expanduser()))
 
 
 @dataclass
@@ -155,11 +227,12 @@ def _count_blocks(sd: Mapping[str, torch.Tensor], pattern: str, stages: int) -> 
     return [len(found[i]) for i in range(stages)]
 
 
-def detect_architecture(sd: Mapping[str, torch.Tensor]) -> DetectedArchitecture:
+def detect_architecture(sd: Mapping[str, torch.Tensor], source: str = "The checkpoint") -> DetectedArchitecture:
     """Recognise SegMamba V1 / V2 from keys and shapes and infer their constructor arguments.
 
     V1 with and without the 2024-06 Mamba-layer residual have identical keys; the current
-    (residual) variant is assumed and the card or user may choose the other.
+    (residual) variant is assumed and the card or user may choose the other. ``source`` names the
+    file in errors.
     """
     common = {
         "out_chans": int(sd["out.conv.conv.weight"].shape[0]) if "out.conv.conv.weight" in sd else None,
@@ -190,9 +263,9 @@ def detect_architecture(sd: Mapping[str, torch.Tensor]) -> DetectedArchitecture:
         return DetectedArchitecture("segmamba_v2", kwargs, note="SegMamba-V2")
     if any(k.startswith("encoder.encoder_layers.") for k in sd) and "encoder.stem.convs.0.conv.weight" in sd:
         raise CheckpointError(
-            "This looks like a MambaClinix (nnU-Net) checkpoint. Its network is defined by the training "
+            f"{source} looks like a MambaClinix (nnU-Net) checkpoint. Its network is defined by the training "
             "folder's plans.json and dataset.json: select the whole nnU-Net result folder instead of the .pth file."
         )
     raise CheckpointError(
-        "The checkpoint is not a SegMamba, SegMamba-V2 or MambaClinix network (no known key pattern found)."
+        f"{source} is not a SegMamba, SegMamba-V2 or MambaClinix network (no known key pattern found)."
     )

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 1
 EXIT_BUG = 2
 EXIT_CANCELLED = 130
+#: 128 + SIGTERM, as a shell reports a process that SIGTERM ended.
+EXIT_TERMINATED = 143
 #: The model the README's main command runs: a small SegMamba trained on phantoms, not for clinical use.
 DEMO_MODEL_ID = "segmamba-demo"
 
@@ -66,23 +70,29 @@ class ProgressBar:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .imageio import write_image_atomic
+    from .imageio import resolve_inputs, write_image_atomic
     from .pipeline import SegmentOptions, segment
     from .registry import resolve_model
 
     card = resolve_model(args.model)
+    inputs = resolve_inputs(args.input, card)
+    seg_path = None
+    if args.seg_nrrd:
+        seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
+    check_outputs(inputs, label_map=args.output, segmentation=seg_path)
     options = SegmentOptions(
         device=args.device, weights=args.weights, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
         tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend, folds=args.folds,
     )
     progress = None if args.quiet else ProgressBar()
-    result = segment(args.input, card, options, progress=progress)
+    result = segment(inputs, card, options, progress=progress)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     out = write_image_atomic(result.labelmap, args.output)
     print(f"label map: {out}")
-    if args.seg_nrrd:
+    if seg_path is not None:
         from .seg_nrrd import write_seg_nrrd
 
-        seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else _seg_nrrd_beside(out)
         written = write_seg_nrrd(result.labelmap, card.labels, seg_path, extra_segments=card.regions)
         print(f"segmentation: {written}")
     print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
@@ -91,28 +101,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seg_nrrd_beside(path: Path) -> Path:
+def check_outputs(inputs: Sequence[object], label_map: Path, segmentation: Path | None = None) -> None:
+    """Before any work: every output can be written, replaces no input and no other output.
+
+    ``inputs`` are the resolved input sources (paths; in-memory images are skipped). Stale temporary
+    files that killed runs left beside the outputs are removed here, as a batch does.
+    """
+    from .atomic import OutputError, check_writable, refuse_overwriting_inputs, remove_stale_temporaries
+    from .imageio import LABELMAP_SUFFIXES
+
+    outputs = [check_writable(label_map, suffixes=LABELMAP_SUFFIXES, what="label map")]
+    if segmentation is not None:
+        outputs.append(check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation"))
+        if outputs[1].resolve() == outputs[0].resolve():
+            raise OutputError(f"The label map and the segmentation would both be written to {outputs[0]}.")
+    refuse_overwriting_inputs(outputs, [Path(str(s)) for s in inputs if isinstance(s, (str, Path))])
+    for output in outputs:
+        remove_stale_temporaries(output)
+
+
+def seg_nrrd_beside(path: Path) -> Path:
+    """``<name>.seg.nrrd`` beside a label map ``<name>.nii.gz`` (or another image suffix)."""
+    from .imageio import IMAGE_SUFFIXES
+
+    path = Path(path)
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + ".seg.nrrd")
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+    return path.with_name(name[: len(name) - len(suffix)] + ".seg.nrrd")
 
 
 def _models_list(args: argparse.Namespace) -> int:
     from .cache import cache_dir
     from .registry import all_cards, weights_state
 
-    print(f"{'ID':28s} {'ARCHITECTURE':12s} {'WEIGHTS':16s} NAME")
+    print(f"{'ID':28s} {'ARCHITECTURE':12s} {'WEIGHTS':17s} NAME")
     for card in all_cards().values():
-        print(f"{card.id:28s} {card.architecture:12s} {weights_state(card):16s} {card.display_name}")
+        print(f"{card.id:28s} {card.architecture:12s} {weights_state(card):17s} {card.display_name}")
     print(f"user models and downloads: {cache_dir()} (set {ENV_VAR} to move them)")
     return 0
 
 
 def _models_show(args: argparse.Namespace) -> int:
-    from .registry import resolve_model, weights_state
+    from .checkpoints import verified_weights_path
+    from .registry import READY, resolve_model, weights_state
 
     card = resolve_model(args.model)
     print(f"id: {card.id}\nname: {card.display_name}\narchitecture: {card.architecture} {card.architecture_kwargs}")
@@ -122,9 +153,15 @@ def _models_show(args: argparse.Namespace) -> int:
     print("labels: " + ", ".join(f"{lab.value}={lab.name}" for lab in card.labels))
     if card.regions:
         print("regions: " + ", ".join(f"{r.name}={'+'.join(map(str, r.labels))}" for r in card.regions))
-    print(f"weights: {weights_state(card)} ({card.weights.kind}) {card.weights_path() or card.weights.url or ''}")
+    state = weights_state(card)
+    print(f"weights: {state} ({card.weights.kind}) {card.weights_path() or card.weights.url or ''}")
     if card.weights.sha256:
         print(f"  sha256 {card.weights.sha256}")
+    if state != READY and card.weights.sha256:
+        try:
+            verified_weights_path(card)
+        except SegMambaError as exc:  # what is wrong with the file and how to get the right one back
+            print(f"  {exc}")
     if card.weights.instructions:
         print(f"  {card.weights.instructions}")
     if card.intended_use:
@@ -307,13 +344,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or ``kill`` ending the run), raised like Ctrl-C so that cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C (temporary files removed); only the main thread may set this."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segmamba-slicer`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    previous = signal.getsignal(signal.SIGTERM)
+    handle_sigterm()
     try:
         return args.func(args)
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
         return EXIT_CANCELLED
@@ -327,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: unexpected {type(exc).__name__}: {exc} (run with --verbose for details)", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

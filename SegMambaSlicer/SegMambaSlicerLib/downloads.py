@@ -121,19 +121,32 @@ def download_file(
     return dest
 
 
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a SHA-256 checksum as cards write it: 64 hexadecimal characters, any case."""
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value.lower()) is not None
+
+
 def _normalise_sha256(sha256: str | None) -> str | None:
     if sha256 is None:
         return None
     value = sha256.strip().lower()
-    if not _SHA256_RE.fullmatch(value):
-        raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
+    if not is_sha256(value):
+        raise DownloadError(
+            f"The expected checksum {sha256!r} is not a SHA-256 (64 hexadecimal characters); fix the weights "
+            "sha256 in the model card."
+        )
     return value
 
 
 def _check_url(url: str) -> None:
+    """Refuse other schemes before any request: ``file://`` or ``ftp://`` would bypass the checks here."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise ValueError(f"only http:// and https:// URLs can be downloaded, got {url!r}")
+        raise DownloadError(
+            f"Cannot download {url!r}: only http:// and https:// addresses can be downloaded; fix the weights "
+            "url in the model card.",
+            url=url,
+        )
 
 
 def _raise_if_cancelled(cancel: CancelCallback | None, url: str, part: Path) -> None:

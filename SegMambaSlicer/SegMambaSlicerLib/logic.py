@@ -263,7 +263,7 @@ class SegmentationLogic:
         folds = tuple(options.folds) if options.folds else None
         key = (card.id, card.architecture, str(weights), str(device), folds)
         if key != self._cache_key or self._network is None:
-            self._network = load_network(card, weights, device, options.folds)
+            self._network = load_network(card, options.weights, device, options.folds)
             self._cache_key = key
         return self._network
 

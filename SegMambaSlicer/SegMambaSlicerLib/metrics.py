@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import write_text_atomic
 from .cards import ModelCard
 from .errors import SegMambaError
 
@@ -393,16 +394,7 @@ def write_csv(columns: Sequence[str], rows: Sequence[Sequence[str]], path: PathL
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise MetricsError(f"Could not write {path}: {exc.strerror or exc}. Choose a folder you can write to.") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, buffer.getvalue(), what="table")
 
 
 def format_summary(evaluation: Evaluation) -> str:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputImageError
 from .selective_scan import SCAN_BACKENDS, UnknownScanBackendError, causal_conv1d, selective_scan
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-class SequenceLengthError(ValueError):
+class SequenceLengthError(InputImageError, ValueError):
     """Raised when a token sequence cannot be cut into the mixer's fixed number of slices."""
 
 

@@ -20,8 +20,6 @@ on one core.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,14 @@ from typing import NamedTuple
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from .errors import SegMambaError
+from .imageio import write_image_atomic
+
+
+class PhantomError(SegMambaError, ValueError):
+    """The requested phantom cannot be made (grid too small, bad spacing, bad case name)."""
+
 
 #: BraTS 2023 channel order used by SegMamba / SegMamba-V2 (MODELS.md §2.8).
 MODALITIES: tuple[str, ...] = ("t2w", "t2f", "t1n", "t1c")
@@ -151,14 +157,14 @@ def write_brats_case(case: PhantomCase, out_dir: Path, case_id: str) -> dict[str
     (or an interrupted run) never sees a half-written NIfTI. Returns the paths keyed by channel / "seg".
     """
     if not case_id or Path(case_id).name != case_id:
-        raise ValueError(f"case_id must be a plain folder name, got {case_id!r}")
+        raise PhantomError(f"case_id must be a plain folder name, got {case_id!r}")
     case_dir = Path(out_dir) / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     items = [*((name, case.images[name]) for name in MODALITIES), ("seg", case.seg)]
     paths = {}
     for key, image in items:
         paths[key] = case_dir / f"{case_id}-{key}.nii.gz"
-        _write_atomic(image, paths[key])
+        write_image_atomic(image, paths[key], what="phantom image")
     return paths
 
 
@@ -167,9 +173,9 @@ def _validate(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[int
     size = tuple(int(s) for s in shape)
     step = tuple(float(s) for s in spacing)
     if len(size) != 3 or min(size) < MIN_EDGE:
-        raise ValueError(f"phantom shape must be 3 edges of at least {MIN_EDGE} voxels (x, y, z), got {shape}")
+        raise PhantomError(f"phantom shape must be 3 edges of at least {MIN_EDGE} voxels (x, y, z), got {shape}")
     if len(step) != 3 or not all(np.isfinite(step)) or min(step) <= 0:
-        raise ValueError(f"phantom spacing must be 3 positive numbers in mm (x, y, z), got {spacing}")
+        raise PhantomError(f"phantom spacing must be 3 positive numbers in mm (x, y, z), got {spacing}")
     return size, step
 
 
@@ -434,15 +440,3 @@ def _to_image(array: _Array, grid: _Grid) -> sitk.Image:
     image.SetOrigin((0.0, -(grid.shape[1] - 1) * grid.spacing[1], 0.0))
     image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     return image
-
-
-def _write_atomic(image: sitk.Image, path: Path) -> None:
-    """Write next to ``path`` under a temporary name, then rename into place (same file system)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp_name, True)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cards import ModelCard
-from .checkpoints import load_into, load_state_dict_file
+from .checkpoints import load_into, load_state_dict_file, verified_weights_path
 from .devices import resolve_device
 from .errors import CancelledError, CheckpointError, ModelCardError
 from .geometry import direction_matrix, reorder_to, resample_onto, stack_channels
@@ -30,7 +30,14 @@ from .imageio import ImageSource, read_image, resolve_inputs
 from .inference import CancelCallback, ProgressCallback, WindowSettings, count_windows, predict_logits
 from .measure import volumes_ml
 from .networks import build_network
-from .preprocessing import NNUNET_SCHEME, nnunet_export, preprocess, preprocess_nnunet
+from .preprocessing import (
+    NNUNET_SCHEME,
+    channel_warnings,
+    check_contrast,
+    nnunet_export,
+    preprocess,
+    preprocess_nnunet,
+)
 
 log = logging.getLogger("SegMambaSlicerLib")
 
@@ -59,6 +66,8 @@ class SegmentationResult:
     seconds: float
     windows: int
     volumes: dict[str, float] = field(default_factory=dict)
+    #: What the user should know about the inputs (non-finite voxels, channels without contrast).
+    warnings: tuple[str, ...] = ()
 
 
 def window_settings(card: ModelCard, options: SegmentOptions) -> WindowSettings:
@@ -86,6 +95,9 @@ def load_network(
 ) -> nn.Module:
     """Build the card's network, load its weights strictly, and put it in eval mode on ``device``.
 
+    The card's own weights file is checked against the card's SHA-256 first; ``weights`` given by
+    the caller replace the card's file and are not.
+
     For nnU-Net cards ``weights`` may name another result folder and ``folds`` overrides the
     card's folds; the result is the fold ensemble.
     """
@@ -93,7 +105,7 @@ def load_network(
         from .nnunet import load_ensemble, model_for_card
 
         return load_ensemble(model_for_card(card, weights, folds)).eval().to(device)
-    path = Path(weights).expanduser() if weights else card.weights_path()
+    path = Path(weights).expanduser() if weights else verified_weights_path(card)  # the card's own: checksummed
     if path is None:
         hint = card.weights.instructions or "Provide a weights file."
         raise CheckpointError(f"No weights for {card.display_name}. {hint}")
@@ -115,14 +127,23 @@ def _check_cancel(cancel: CancelCallback | None) -> None:
         raise CancelledError("Segmentation cancelled.")
 
 
-def _read_on_grid(images: Sequence[ImageSource], card: ModelCard) -> list[sitk.Image]:
-    """One image per card channel, every channel on the first one's grid."""
+def _read_on_grid(images: Sequence[ImageSource], card: ModelCard) -> tuple[list[sitk.Image], list[str]]:
+    """One image per card channel, every channel on the first one's grid, and warnings about their voxels.
+
+    Voxels are checked on each image's own grid, so the warnings give the indices the user sees.
+    """
     sources = resolve_inputs(images, card)
     loaded = [read_image(s, name=c.display_name) for s, c in zip(sources, card.channels)]
+    warnings = [
+        message
+        for image, channel in zip(loaded, card.channels)
+        for message in channel_warnings(sitk.GetArrayViewFromImage(image), channel.display_name)
+    ]
     reference = loaded[0]
-    return [reference] + [
+    on_grid = [reference] + [
         resample_onto(img, reference, name=c.display_name) for img, c in zip(loaded[1:], card.channels[1:])
     ]
+    return on_grid, warnings
 
 
 def _check_outputs(logits: torch.Tensor, card: ModelCard) -> None:
@@ -174,9 +195,12 @@ def segment(
     start = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     report(0.0, "reading images")
-    on_grid = _read_on_grid(images, card)
+    on_grid, warnings = _read_on_grid(images, card)
     reference = on_grid[0]
     data = stack_channels(on_grid)
+    check_contrast(data)
+    for message in warnings:  # front ends show ``result.warnings``; the log is for console sessions
+        log.info("%s", message)
     if card.preprocessing.scheme == NNUNET_SCHEME:
         net_input, restore = _prepare_nnunet(data, reference, card, options)
     else:
@@ -217,4 +241,5 @@ def segment(
         seconds=seconds,
         windows=windows,
         volumes=volumes_ml(labelmap, card),
+        warnings=tuple(warnings),
     )

@@ -63,27 +63,88 @@ def nonzero_box(data: np.ndarray, fill_holes: bool = True) -> CropBox:
     return box_of_mask(nonzero_mask(data, fill_holes))
 
 
-def zscore(data: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """Per-channel ``(x - mean) / max(std, eps)`` over all voxels, float32 as the official code."""
+def zscore(data: np.ndarray, eps: float = 1e-8, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel ``(x - mean) / max(std, eps)`` over all voxels, float32 as the official code.
+
+    With ``valid`` (a boolean array shaped like ``data``) the statistics are taken over the valid
+    voxels only; the others must already hold 0 and are normalised as 0.
+    """
     data = data.astype(np.float32, copy=False)
     out = np.empty_like(data)
     for c in range(data.shape[0]):
-        mean = data[c].mean(dtype=np.float64)
-        std = data[c].std(dtype=np.float64)
+        sample = data[c] if valid is None or valid[c].all() else data[c][valid[c]]
+        mean = sample.mean(dtype=np.float64) if sample.size else 0.0
+        std = sample.std(dtype=np.float64) if sample.size else 0.0
         out[c] = (data[c] - np.float32(mean)) / np.float32(max(std, eps))
     return out
+
+
+def split_nonfinite(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``data`` with NaN/Inf voxels set to 0, and the mask of finite voxels (None when all are finite).
+
+    Zeroed voxels count as background for the crop box (as any zero does) and are left out of the
+    normalisation statistics through the mask, so no NaN ever reaches the network.
+    """
+    finite = np.isfinite(data)
+    if finite.all():
+        return data, None
+    return np.where(finite, data, np.float32(0)).astype(data.dtype, copy=False), finite
 
 
 def preprocess(data: np.ndarray, settings: Preprocessing) -> tuple[np.ndarray, CropBox]:
     """Apply the card's preprocessing to a (C, z, y, x) array; return the network input and crop box."""
     if settings.scheme != "crop_nonzero_zscore":
         raise InputImageError(f"Preprocessing scheme {settings.scheme!r} is not supported by this version.")
+    data, finite = split_nonfinite(data)
     if settings.crop_nonzero:
         box = nonzero_box(data, settings.fill_holes)
     else:
         box = CropBox(lo=(0, 0, 0), hi=tuple(data.shape[1:]), full_shape=tuple(data.shape[1:]))
-    cropped = data[(slice(None), *box.slices)]
-    return zscore(cropped, settings.eps), box
+    crop = (slice(None), *box.slices)
+    return zscore(data[crop], settings.eps, None if finite is None else finite[crop]), box
+
+
+def channel_warnings(array: np.ndarray, name: str) -> list[str]:
+    """What is wrong with one channel's voxels (SimpleITK (z, y, x) order), for the user to read.
+
+    Non-finite voxels are counted and located (voxel indices i, j, k as Slicer shows them); a channel
+    without contrast (zero or one value everywhere) carries no information for the network.
+    """
+    messages = []
+    finite = np.isfinite(array)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad:
+        where = np.nonzero(~finite)
+        lo = tuple(int(where[a].min()) for a in (2, 1, 0))
+        hi = tuple(int(where[a].max()) for a in (2, 1, 0))
+        messages.append(
+            f"{bad} voxel{'s' if bad != 1 else ''} of the {name} image ({100.0 * bad / finite.size:.2g}%) "
+            f"{'are' if bad != 1 else 'is'} not a number (NaN or infinite), between voxel (i, j, k) {lo} and "
+            f"{hi}; treated as 0 (background) and left out of the intensity statistics."
+        )
+    values = array[finite]
+    if values.size == 0 or values.min() == values.max():
+        level = 0.0 if values.size == 0 else float(values.flat[0])
+        what = "zero everywhere" if level == 0.0 else f"the same value ({level:g}) everywhere"
+        messages.append(
+            f"The {name} image is {what}: the model gets no information from it, so the result is "
+            "unreliable. Check that the right image was chosen for this input."
+        )
+    return messages
+
+
+def check_contrast(data: np.ndarray) -> None:
+    """Refuse a case in which no channel has any contrast (all zero or each constant): nothing to segment."""
+    for channel in data:
+        finite = channel[np.isfinite(channel)]
+        if finite.size and finite.min() != finite.max():
+            return
+    if not np.any(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)):
+        raise InputImageError("All input images are zero everywhere; there is nothing to segment.")
+    raise InputImageError(
+        "Every input image has one value everywhere (no contrast); there is nothing to segment. "
+        "Check that the right images were chosen."
+    )
 
 
 # ---------------------------------------------------------------- nnU-Net v2 (MambaClinix)
@@ -152,9 +213,15 @@ class NnunetGeometry:
         return tuple(b - a for a, b in zip(self.box.lo, self.box.hi))
 
 
-def normalize_nnunet(image: np.ndarray, channel: NnunetChannel, mask: np.ndarray) -> np.ndarray:
-    """One channel, float32, as nnU-Net's scheme classes compute it (``mask`` = filled non-zero region)."""
+def normalize_nnunet(
+    image: np.ndarray, channel: NnunetChannel, mask: np.ndarray, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """One channel, float32, as nnU-Net's scheme classes compute it (``mask`` = filled non-zero region).
+
+    ``valid`` marks the voxels the statistics may use (see :func:`split_nonfinite`); None means all.
+    """
     image = image.astype(np.float32)
+    valid = np.ones(image.shape, dtype=bool) if valid is None else valid
     scheme = channel.scheme
     if scheme == "CTNormalization":
         props = channel.intensity
@@ -163,14 +230,16 @@ def normalize_nnunet(image: np.ndarray, channel: NnunetChannel, mask: np.ndarray
     if scheme == "ZScoreNormalization":
         if channel.use_mask:
             inside = image[mask]
-            image[mask] = (inside - inside.mean()) / max(inside.std(), 1e-8)
+            sample = inside[valid[mask]]
+            image[mask] = (inside - sample.mean()) / max(sample.std(), 1e-8)
             return image
-        return (image - image.mean()) / max(image.std(), 1e-8)
+        sample = image[valid]
+        return (image - sample.mean()) / max(sample.std(), 1e-8)
     if scheme == "NoNormalization":
         return image
     if scheme == "RescaleTo01Normalization":
-        shifted = image - image.min()
-        return shifted / np.clip(shifted.max(), 1e-8, None)
+        shifted = image - image[valid].min()
+        return shifted / np.clip(shifted[valid].max(), 1e-8, None)
     if scheme == "RGBTo01Normalization":
         if image.min() < 0 or image.max() > 255:
             raise InputImageError(
@@ -281,13 +350,18 @@ def preprocess_nnunet(
     """
     if data.shape[0] != len(settings.channels):
         raise InputImageError(f"The model expects {len(settings.channels)} channels, got {data.shape[0]}.")
-    data = np.transpose(data, (0, *(a + 1 for a in settings.transpose_forward)))
+    data, finite = split_nonfinite(np.transpose(data, (0, *(a + 1 for a in settings.transpose_forward))))
     spacing_t = tuple(float(spacing[a]) for a in settings.transpose_forward)
     mask = nonzero_mask(data)
     box = box_of_mask(mask)
-    cropped = data[(slice(None), *box.slices)]
+    crop = (slice(None), *box.slices)
+    cropped = data[crop]
+    valid = None if finite is None else finite[crop]
     mask = mask[box.slices]
-    normalised = np.stack([normalize_nnunet(cropped[c], ch, mask) for c, ch in enumerate(settings.channels)])
+    normalised = np.stack([
+        normalize_nnunet(cropped[c], ch, mask, None if valid is None else valid[c])
+        for c, ch in enumerate(settings.channels)
+    ])
     shape = nnunet_target_shape(normalised.shape[1:], spacing_t, settings.spacing)
     resampled = resample_to_shape(normalised, shape, spacing_t, settings.spacing, settings.data_resampling)
     return np.ascontiguousarray(resampled, dtype=np.float32), NnunetGeometry(box, spacing_t)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ What a user names as a model is resolved here: a card id (built-in or user), a c
 a bare checkpoint whose architecture is detected. Built-in cards ship in ``Resources/Models``; user
 cards live in ``<cache>/models/<id>/card.json`` next to their weights (see :mod:`.cache`). Weights a
 card names by URL and SHA-256 are downloaded to ``<cache>/weights/<sha256>.pt``, and the registry
-points such a card's ``weights.file`` at that copy, so ``card.weights_path()`` is all the pipeline needs.
+points such a card's ``weights.file`` at that copy, so ``card.weights_path()`` is all the pipeline needs;
+:func:`.checkpoints.verified_weights_path` checks that file against the card's SHA-256 first.
 
 Every function takes ``cache``: the cache folder the caller wants (the Slicer setting), or None for
 ``$SEGMAMBA_SLICER_HOME`` / the per-user default.
@@ -24,11 +25,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cache import downloaded_weights_path, user_models_dir
+from .atomic import write_text_atomic
+from .cache import downloaded_weights_path, remember_sha256, user_models_dir
 from .cards import ModelCard, builtin_cards, card_from_dict, load_card
-from .checkpoints import DetectedArchitecture, detect_architecture, load_into, load_state_dict_file
+from .checkpoints import (
+    DetectedArchitecture,
+    WeightsChangedError,
+    detect_architecture,
+    load_into,
+    load_state_dict_file,
+    verified_weights_path,
+)
 from .downloads import CancelCallback, ProgressCallback, download_file
-from .errors import ModelCardError
+from .errors import CheckpointError, ModelCardError
 from .networks import build_network
 from .nnunet import card_for_nnunet_folder, is_nnunet_model
 
@@ -42,8 +51,10 @@ _TEMPLATE_FOR_INPUTS = {4: "segmamba-brats2023"}
 _PIPELINE_FIELDS = ("schema", "channels", "labels", "regions", "orientation", "preprocessing", "inference")
 IMPORTED_INTENDED_USE = "Research use only. Not a medical device; results must be reviewed by a qualified reader."
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-#: Weights states shown by ``models list`` and the Slicer module.
+#: Weights states shown by ``models list``: READY means present and, when the card names a SHA-256, verified.
 READY, MISSING, MANUAL = "ready", "missing", "manual download"
+#: The file is present but not the one the card names by SHA-256, or it cannot be read.
+CHANGED, UNREADABLE = "checksum mismatch", "unreadable"
 
 
 class RegistryError(ModelCardError):
@@ -94,8 +105,15 @@ def all_cards(cache: PathLike | None = None) -> dict[str, ModelCard]:
 
 
 def get_card(model_id: str, cache: PathLike | None = None) -> ModelCard:
-    """The registered card with this id, or an error listing the known ids."""
+    """The registered card with this id, or an error listing the known ids.
+
+    A user card that :func:`user_cards` skipped because it is broken is reported with its own error, which
+    names the file and the field, rather than as an unknown id.
+    """
     cards = all_cards(cache)
+    own_card = user_models_dir(cache) / model_id / CARD_FILE
+    if model_id not in cards and _ID_RE.fullmatch(model_id) and own_card.is_file():
+        load_card(own_card)
     if model_id not in cards:
         raise RegistryError(
             f"No model {model_id!r}. Known models: {', '.join(sorted(cards)) or 'none'}; "
@@ -118,12 +136,22 @@ def resolve_model(spec: PathLike, cache: PathLike | None = None) -> ModelCard:
     return get_card(str(spec), cache)
 
 
-def weights_state(card: ModelCard) -> str:
-    """``ready`` when the weights file is present, ``manual download`` or ``missing`` otherwise."""
+def weights_state(card: ModelCard, cache: PathLike | None = None) -> str:
+    """:data:`READY` when the weights file is present and matches the card's SHA-256 (if it names one).
+
+    Otherwise :data:`CHANGED` or :data:`UNREADABLE` for a file that is present, :data:`MANUAL` or
+    :data:`MISSING` for one that is not. Hashes are remembered in ``cache`` (see :mod:`.cache`).
+    """
     path = card.weights_path()
-    if path is not None and path.is_file():
-        return READY
-    return MANUAL if card.weights.kind == "manual" else MISSING
+    if path is None or not path.is_file():
+        return MANUAL if card.weights.kind == "manual" else MISSING
+    try:
+        verified_weights_path(card, cache)
+    except WeightsChangedError:
+        return CHANGED
+    except CheckpointError:
+        return UNREADABLE
+    return READY
 
 
 def _with_downloaded_weights(card: ModelCard, cache: PathLike | None) -> ModelCard:
@@ -146,7 +174,7 @@ def card_for_checkpoint(path: Path, like: str | None = None, cache: PathLike | N
     The inputs, labels and pipeline come from the card ``like``; without it a 4-input/4-output
     SegMamba is taken to be a BraTS model and inherits the BraTS card.
     """
-    detected = detect_architecture(load_state_dict_file(path))
+    detected = detect_architecture(load_state_dict_file(path), source=str(path))
     template = _template(detected, like, path.name, cache)
     return dataclasses.replace(
         template,
@@ -203,8 +231,8 @@ def import_weights(
 
     ``path`` is a ``.pt``/``.pth`` file or a folder holding exactly one. The copy is validated, not
     the original: its architecture is detected and it must load with strict keys into the network
-    that the new card builds. The card and weights appear together by one folder rename; on any
-    error nothing is left in the cache.
+    that the new card builds. Errors name the user's file, not the copy. The card and weights appear
+    together by one folder rename; on any error nothing is left in the cache.
     """
     source = _find_checkpoint(Path(path).expanduser())
     model_id = _new_model_id(model_id or _id_from_name(source.stem), cache)
@@ -214,20 +242,21 @@ def import_weights(
     try:
         weights = staging / f"weights{source.suffix.lower()}"
         sha256 = _copy_with_sha256(source, weights)
-        state_dict = load_state_dict_file(weights)
-        detected = detect_architecture(state_dict)
-        template = _template(detected, like, source.name, cache)
+        state_dict = load_state_dict_file(weights, shown_as=source)
+        detected = detect_architecture(state_dict, source=str(source))
+        template = _template(detected, like, str(source), cache)
         data = _card_data(template, model_id, display_name, detected, weights.name, sha256, source)
         card = card_from_dict(data, source_path=staging / CARD_FILE)
         load_into(build_network(card.architecture, **card.architecture_kwargs), state_dict,
-                  source=f"checkpoint {source.name}")
-        _write_text(staging / CARD_FILE, json.dumps(data, indent=2) + "\n")
+                  source=f"checkpoint {source}")
+        write_text_atomic(staging / CARD_FILE, json.dumps(data, indent=2) + "\n", what="model card")
         final = root / model_id
         if final.exists():
             raise RegistryError(f"A user model {model_id!r} was registered meanwhile at {final}; choose another id.")
         os.rename(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    remember_sha256(final / weights.name, sha256, cache)  # hashed while copying: no need to hash it again
     return load_card(final / CARD_FILE)
 
 
@@ -313,13 +342,6 @@ def _card_data(
     return data
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 # ---------------------------------------------------------------- download
 
 
@@ -332,12 +354,12 @@ def download_weights(
     """Download the weights of a card with ``weights.kind == "url"`` into the cache and return their path.
 
     The file is verified against the card's SHA-256 before it appears (see :mod:`.downloads`); weights
-    already present are not downloaded again. Cards of kind ``manual`` raise
-    :class:`ManualDownloadRequired` with the card's instructions.
+    already present and verified are not downloaded again, a changed copy is replaced. Cards of kind
+    ``manual`` raise :class:`ManualDownloadRequired` with the card's instructions.
     """
     card = get_card(model_id, cache)
     weights = card.weights
-    if weights_state(card) == READY:
+    if weights_state(card, cache) == READY:
         return card.weights_path()  # type: ignore[return-value]
     if weights.kind == "manual":
         raise ManualDownloadRequired(
@@ -347,10 +369,13 @@ def download_weights(
             + f" Then register the file with: segmamba-slicer models import FILE --like {card.id}"
         )
     if weights.kind != "url" or not weights.url or not weights.sha256:
+        verified_weights_path(card, cache)  # a file that is present but changed is reported as such
         raise RegistryError(
             f"Model {card.id} names no downloadable weights (needs weights kind \"url\" with a url and sha256); "
             f"its weights file {card.weights_path()} is missing. Reinstall the extension or import the weights."
         )
-    return download_file(weights.url, downloaded_weights_path(weights.sha256, cache), weights.sha256,
-                         progress=progress, cancel=cancel)
+    path = download_file(weights.url, downloaded_weights_path(weights.sha256, cache), weights.sha256,
+                       progress=progress, cancel=cancel)
+    remember_sha256(path, weights.sha256, cache)  # download_file has just checked it
+    return path
 

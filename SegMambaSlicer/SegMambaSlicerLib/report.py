@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import write_bytes_atomic, write_text_atomic
 from .cards import ModelCard
 from .errors import SegMambaError
 from .geometry import direction_matrix, reorder_to
@@ -47,7 +47,7 @@ def write_volumes_csv(volumes: Mapping[str, float], card: ModelCard, path: str |
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     writer.writerows((name, description, values, f"{volumes[name]:.6f}") for name, description, values in rows)
-    return _write_atomic(Path(path), buffer.getvalue().encode("utf-8"))
+    return write_text_atomic(path, buffer.getvalue(), what="volumes table")
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def write_preview_png(
     figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return _write_atomic(Path(path), buffer.getvalue())
+    return write_bytes_atomic(path, buffer.getvalue(), what="preview")
 
 
 def _window(array: np.ndarray) -> tuple[float, float]:
@@ -171,20 +171,3 @@ def _overlay(colours: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """RGBA image of a label slice; values outside 0..255 stay transparent."""
     inside = (labels >= 0) & (labels < len(colours))
     return colours[np.where(inside, labels, 0)]
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a new hidden file in the same folder (permissions from the umask), then rename onto ``path``."""
-    path = path.expanduser()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        raise ReportError(f"Could not write {path}: {exc.strerror or exc}. Choose a folder you can write to.") from exc
-    return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import uuid
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import OutputError, write_atomic
 from .cards import LabelSpec, RegionSpec
 from .errors import SegMambaError
 
@@ -207,19 +207,22 @@ def _layers(array: np.ndarray, labels: Sequence[LabelSpec], regions: Sequence[Re
     return np.stack(stack, axis=-1)
 
 
-def _write_atomic(path: Path, header: str, data: np.ndarray) -> None:
-    # A unique hidden name in the target folder, so os.replace stays on one file system.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+def _write_file(path: Path, header: str, data: np.ndarray) -> None:
+    with open(path, "xb") as handle:
+        handle.write(header.encode("utf-8"))
+        # Level 1: label maps compress almost as well as at level 9, several times faster.
+        with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=1, mtime=0) as stream:
+            stream.write(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes())
+
+
+def _verify_file(path: Path, layer0: np.ndarray) -> None:
+    """The written file reads back with the label layer that was meant (a full disk truncates it)."""
     try:
-        with open(tmp, "xb") as handle:
-            handle.write(header.encode("utf-8"))
-            # Level 1: label maps compress almost as well as at level 9, several times faster.
-            with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=1, mtime=0) as stream:
-                stream.write(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        back, _ = read_seg_nrrd(path)
+    except SegmentationFileError:
+        raise OutputError("the file reads back incomplete or damaged") from None
+    if not np.array_equal(sitk.GetArrayViewFromImage(back), layer0):
+        raise OutputError("the file reads back with other labels than those written")
 
 
 def write_seg_nrrd(
@@ -232,22 +235,19 @@ def write_seg_nrrd(
 
     One segment per label (also when empty, so Slicer shows it with 0 mL), all in layer 0
     with their label value; each region in ``extra_segments`` becomes a binary segment in
-    its own layer. The file appears atomically: readers never see a partial file.
+    its own layer. The file appears atomically and is read back before it does: readers never see
+    a partial file, and a full disk is an :class:`.atomic.OutputError`.
     """
     if labelmap.GetDimension() != 3 or labelmap.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("write_seg_nrrd needs a 3-D scalar label map.")
     regions = tuple(extra_segments or ())
     data = _layers(sitk.GetArrayViewFromImage(labelmap), labels, regions)
-    target = Path(path).expanduser()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, _header(labelmap, data.dtype, labels, regions), data)
-    except OSError as exc:
-        raise SegmentationFileError(
-            f"Could not write the segmentation to {target}: {exc.strerror or exc}. "
-            "Choose a folder you can write to with enough free space."
-        ) from exc
-    return target
+    header = _header(labelmap, data.dtype, labels, regions)
+    layer0 = data if data.ndim == 3 else data[..., 0]
+    return write_atomic(
+        path, lambda tmp: _write_file(tmp, header, data), lambda tmp: _verify_file(tmp, layer0),
+        what="segmentation",
+    )
 
 
 # ---------------------------------------------------------------- reading

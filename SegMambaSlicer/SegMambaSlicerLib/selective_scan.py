@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .errors import DeviceError, SegMambaError
+
 __all__ = [
     "BACKEND_ENV_VAR",
     "SCAN_BACKENDS",
@@ -63,11 +65,11 @@ _GRAD_SLICE_DIVISOR = 8  # backward slices: 1/8 of the forward's, since a block 
 _LOG2E = 1.4426950408889634
 
 
-class UnknownScanBackendError(ValueError):
+class UnknownScanBackendError(SegMambaError, ValueError):
     """Raised for a backend name that is not one of ``SCAN_BACKENDS``."""
 
 
-class ScanBackendUnavailableError(RuntimeError):
+class ScanBackendUnavailableError(DeviceError):
     """Raised when the fused backend is requested but cannot run here (and why)."""
 
 

@@ -383,6 +383,7 @@ class WorkerProcess:
                 labelmap=self._labelmap, card=self.card, device=str(data["device"]),
                 seconds=float(data["seconds"]), windows=int(data["windows"]),
                 volumes={str(k): float(v) for k, v in data["volumes"].items()},
+                warnings=tuple(str(w) for w in data.get("warnings", ())),
             )
         if self._state == _CANCELLED:
             raise CancelledError("Segmentation cancelled.")
@@ -590,7 +591,7 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter) -> None:
     result = segment(images, card, options, progress=emitter.progress)
     save_image_npz(result.labelmap, job["output"])
     emitter.emit("result", output=job["output"], device=result.device, seconds=result.seconds,
-                 windows=result.windows, volumes=result.volumes)
+                 windows=result.windows, volumes=result.volumes, warnings=list(result.warnings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
