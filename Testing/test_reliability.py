@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -267,6 +269,17 @@ def test_output_problems_are_found_before_reading_the_images(card_path, case, tm
     assert main(_predict(card_path, _inputs(case), tmp_path / "seg.nii.gz", "--seg-nrrd",
                          str(tmp_path / "seg.nrrd"))) == EXIT_USER_ERROR
     assert "Unsupported format for the segmentation" in _one_line_error(capsys.readouterr().err)
+
+
+def test_output_problems_are_found_before_pytorch_is_even_imported(card_path, case, tmp_path) -> None:
+    """'In the first second': the checks need no model, so they run before the slow imports."""
+    code = ("import sys\nfrom SegMambaSlicerLib.cli import main\nstatus = main(sys.argv[1:])\n"
+            "sys.exit(status if 'torch' not in sys.modules else 99)\n")
+    for argv in (_predict(card_path, _inputs(case), case["t2w"]),
+                 ["batch", str(tmp_path), str(case["t2w"]), "-m", str(card_path)]):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == EXIT_USER_ERROR, done.stderr
+        _one_line_error(done.stderr)
 
 
 def test_a_read_only_file_system_is_refused_before_any_work(card_path, case, tmp_path, capsys) -> None:

@@ -390,17 +390,12 @@ def segment_folder(
     the cases finished so far), ``on_case(result)`` is called as each case ends. A failing case does not
     stop the batch: check :attr:`BatchResult.failed`.
     """
+    out, summary = check_batch_outputs(output_dir, summary_csv)
     from .pipeline import SegmentOptions
     from .registry import resolve_model
 
     card = model if isinstance(model, ModelCard) else resolve_model(model)
     options = options or SegmentOptions()
-    out = Path(output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise BatchError(f"The output folder {out} is a file; give a folder for the results.")
-    summary = Path(summary_csv).expanduser() if summary_csv else out / SUMMARY_NAME
-    check_writable(out / output_path(out, "case").name, what="label maps")
-    check_writable(summary, suffixes=(".csv",), what="batch summary")
     devices = _check_devices(devices, network)
     cases = discover_cases(input_dir, card, pattern, skip=out)
     runner = _Runner(cases, _Job(card, options, out, preview), summary, progress, on_case)
@@ -421,6 +416,17 @@ def segment_folder(
     finally:
         runner.write()
     return BatchResult(tuple(runner.ordered()), summary)
+
+
+def check_batch_outputs(output_dir: PathLike, summary_csv: PathLike | None = None) -> tuple[Path, Path]:
+    """The output folder and summary path, checked writable before anything slow (imports, models, cases)."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"The output folder {out} is a file; give a folder for the results.")
+    summary = Path(summary_csv).expanduser() if summary_csv else out / SUMMARY_NAME
+    check_writable(output_path(out, "case"), what="label maps")
+    check_writable(summary, suffixes=(".csv",), what="batch summary")
+    return out, summary
 
 
 def _check_devices(devices: Sequence[str] | None, network: nn.Module | None) -> list[str]:
@@ -680,6 +686,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """Run ``batch``: one line per case, failures listed at the end; exit 1 if any case failed."""
     import sys
 
+    check_batch_outputs(args.output_dir, args.summary)  # within a second, before PyTorch is imported
     from .pipeline import SegmentOptions
 
     options = SegmentOptions(

@@ -70,16 +70,17 @@ class ProgressBar:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    seg_path = None
+    if args.seg_nrrd:
+        seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
+    check_outputs(args.input, label_map=args.output, segmentation=seg_path)  # before the slow imports
+
     from .imageio import resolve_inputs, write_image_atomic
     from .pipeline import SegmentOptions, segment
     from .registry import resolve_model
 
     card = resolve_model(args.model)
     inputs = resolve_inputs(args.input, card)
-    seg_path = None
-    if args.seg_nrrd:
-        seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
-    check_outputs(inputs, label_map=args.output, segmentation=seg_path)
     options = SegmentOptions(
         device=args.device, weights=args.weights, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
         tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend, folds=args.folds,
@@ -101,21 +102,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_outputs(inputs: Sequence[object], label_map: Path, segmentation: Path | None = None) -> None:
+def check_outputs(inputs: Sequence[str | Path], label_map: Path, segmentation: Path | None = None) -> None:
     """Before any work: every output can be written, replaces no input and no other output.
 
-    ``inputs`` are the resolved input sources (paths; in-memory images are skipped). Stale temporary
-    files that killed runs left beside the outputs are removed here, as a batch does.
+    ``inputs`` are the paths as given: image files, DICOM series folders, or one case folder, whose
+    image files are the inputs (the folder itself may receive outputs). This needs no model, so it
+    runs before PyTorch is imported, within a second of the start. Stale temporary files that killed
+    runs left beside the outputs are removed here, as a batch does.
     """
     from .atomic import OutputError, check_writable, refuse_overwriting_inputs, remove_stale_temporaries
-    from .imageio import LABELMAP_SUFFIXES
+    from .imageio import LABELMAP_SUFFIXES, is_image_file
 
     outputs = [check_writable(label_map, suffixes=LABELMAP_SUFFIXES, what="label map")]
     if segmentation is not None:
         outputs.append(check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation"))
         if outputs[1].resolve() == outputs[0].resolve():
             raise OutputError(f"The label map and the segmentation would both be written to {outputs[0]}.")
-    refuse_overwriting_inputs(outputs, [Path(str(s)) for s in inputs if isinstance(s, (str, Path))])
+    sources: list[Path] = []
+    for given in map(Path, inputs):
+        images = [p for p in given.iterdir() if is_image_file(p)] if given.is_dir() else []
+        sources.extend(images or [given])
+    refuse_overwriting_inputs(outputs, sources)
     for output in outputs:
         remove_stale_temporaries(output)
 
