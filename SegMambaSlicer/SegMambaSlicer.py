@@ -3,7 +3,7 @@
 Thin by design: the widget gathers choices and shows results; all work and every decision that can
 be made without Qt live in the SegMambaSlicerLib package (tested headless with pytest): the
 segmentation logic and review helpers (logic.py), the background worker process (worker.py) and
-the first-run dependency decisions (dependencies.py). Nothing here imports torch at module load, so
+the first-run dependency decisions (install.py). Nothing here imports torch at module load, so
 the module opens even before PyTorch is installed and can offer to install it.
 
 The per-channel input selectors are created in code inside ``inputVolumesWidget``, because their
@@ -34,9 +34,9 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from SegMambaSlicerLib import dependencies  # noqa: E402
-from SegMambaSlicerLib.cards import builtin_cards, match_channels  # noqa: E402
 from SegMambaSlicerLib.errors import SegMambaError  # noqa: E402
+from SegMambaSlicerLib.models.cards import builtin_cards, match_channels  # noqa: E402
+from SegMambaSlicerLib.slicer import install  # noqa: E402
 
 REQUESTER = "SegMamba"
 DEMO_MODEL_ID = "segmamba-demo"
@@ -186,11 +186,11 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ dependencies and environment
 
     def _plan(self):
-        requirements = dependencies.read_requirements()
-        names = [r.name for r in requirements] + [*dependencies.PROTECTED, dependencies.TORCH]
-        return dependencies.plan_install(
+        requirements = install.read_requirements()
+        names = [r.name for r in requirements] + [*install.PROTECTED, install.TORCH]
+        return install.plan_install(
             requirements,
-            dependencies.installed_versions(names),
+            install.installed_versions(names),
             (slicer.app.majorVersion, slicer.app.minorVersion),
             pytorch_extension=hasattr(slicer.modules, "pytorchutils"),
             imported={name.split(".")[0] for name in sys.modules},
@@ -212,10 +212,10 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         plan = self._plan()
         if not plan.needed:
             return True
-        if not slicer.util.confirmOkCancelDisplay(dependencies.describe_plan(plan), f"{REQUESTER}: install packages"):
+        if not slicer.util.confirmOkCancelDisplay(install.describe_plan(plan), f"{REQUESTER}: install packages"):
             self._log("Package installation declined; segmentation needs these packages.")
             return False
-        self._log(dependencies.describe_plan(plan))
+        self._log(install.describe_plan(plan))
         try:
             with slicer.util.WaitCursor():
                 if plan.torch is not None:
@@ -227,7 +227,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError("Installing the Python packages failed. See the log for pip's output.", exc)
             return False
         self._log("Python packages installed.")
-        if plan.restart_needed and plan.installer == dependencies.PIP_INSTALLER:
+        if plan.restart_needed and plan.installer == install.PIP_INSTALLER:
             if slicer.util.confirmYesNoDisplay("Slicer must restart to use the updated packages. Restart now?"):
                 slicer.util.restart()
         self._refreshEnvironment()
@@ -235,7 +235,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _installTorch(self, plan):
         self._log(f"Installing PyTorch ({plan.torch}) with the {plan.torch_installer}…")
-        if plan.torch_installer == dependencies.PYTORCH_EXTENSION:
+        if plan.torch_installer == install.PYTORCH_EXTENSION:
             import PyTorchUtils
 
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
@@ -243,7 +243,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if torch is None:
                 raise SegMambaError("The PyTorch extension could not install PyTorch; see the Python console.")
         else:
-            slicer.util.pip_install(dependencies.pip_install_arguments([plan.torch], None))
+            slicer.util.pip_install(install.pip_install_arguments([plan.torch], None))
 
     def _constraintsFile(self, plan):
         handle, path = tempfile.mkstemp(prefix="segmamba-constraints-", suffix=".txt")
@@ -255,7 +255,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._log("Installing " + ", ".join(plan.packages) + " (keeping " + ", ".join(plan.constraints) + ")…")
         constraints = self._constraintsFile(plan)
         try:
-            if plan.installer == dependencies.PACKAGING_INSTALLER:
+            if plan.installer == install.PACKAGING_INSTALLER:
                 import slicer.packaging
 
                 skipped = slicer.packaging.pip_ensure(
@@ -264,7 +264,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if skipped:
                     self._log("Left to Slicer: " + ", ".join(skipped))
             else:
-                slicer.util.pip_install(dependencies.pip_install_arguments(plan.packages, constraints))
+                slicer.util.pip_install(install.pip_install_arguments(plan.packages, constraints))
         finally:
             os.remove(constraints)
 
@@ -279,8 +279,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         constraints = self._constraintsFile(plan)
         try:
             with slicer.util.WaitCursor():
-                slicer.util.pip_install(dependencies.pip_install_arguments(
-                    offer, constraints, dependencies.FUSED_KERNEL_PIP_OPTIONS))
+                slicer.util.pip_install(install.pip_install_arguments(
+                    offer, constraints, install.FUSED_KERNEL_PIP_OPTIONS))
             if slicer.util.confirmYesNoDisplay("Restart Slicer now to use the fused kernels?"):
                 slicer.util.restart()
         except Exception as exc:  # noqa: BLE001
@@ -290,8 +290,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _kernelOffer(self):
         info = self._systemInfo
-        installed = dependencies.installed_versions(dependencies.FUSED_KERNELS)
-        return dependencies.fused_kernel_offer(info is not None and info.cuda_usable, sys.platform, installed)
+        installed = install.installed_versions(install.FUSED_KERNELS)
+        return install.fused_kernel_offer(info is not None and info.cuda_usable, sys.platform, installed)
 
     def _populateDevices(self, ready):
         self._systemInfo = None
@@ -300,7 +300,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = "PyTorch is not installed yet."
             self.ui.installKernelsButton.setVisible(False)
             return
-        from SegMambaSlicerLib.logic import describe_system, device_choices, system_info
+        from SegMambaSlicerLib.slicer.logic import describe_system, device_choices, system_info
 
         try:
             self._systemInfo = system_info()
@@ -322,7 +322,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cards = builtin_cards()
         if ready:
             try:
-                from SegMambaSlicerLib.registry import all_cards
+                from SegMambaSlicerLib.models.registry import all_cards
 
                 self._cards = all_cards()
             except Exception as exc:  # noqa: BLE001 - e.g. a broken PyTorch; the built-in models still show
@@ -395,7 +395,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.mainWindow(), "Load checkpoint", "", "PyTorch checkpoints (*.pt *.pth)")
         if not path or not self._ensureDependencies():
             return
-        from SegMambaSlicerLib.registry import import_weights
+        from SegMambaSlicerLib.models.registry import import_weights
 
         try:
             with slicer.util.WaitCursor():
@@ -415,7 +415,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ running
 
     def _options(self, card):
-        from SegMambaSlicerLib.pipeline import SegmentOptions
+        from SegMambaSlicerLib.engine.pipeline import SegmentOptions
 
         p = self._parameterNode
         return SegmentOptions(
@@ -443,7 +443,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _onTimer(self):
-        from SegMambaSlicerLib.logic import progress_text
+        from SegMambaSlicerLib.slicer.logic import progress_text
 
         for event in self._run.poll():
             if event.kind == "progress":
@@ -485,7 +485,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ review
 
     def _showResult(self, node, result, referenceNode):
-        from SegMambaSlicerLib.logic import show_regions, show_surfaces, volume_rows
+        from SegMambaSlicerLib.slicer.logic import show_regions, show_surfaces, volume_rows
 
         self._result, self._resultNode = result, node
         rows = volume_rows(result)
@@ -502,13 +502,13 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onDisplayModeChanged(self, regions):
         if self._resultNode is not None:
-            from SegMambaSlicerLib.logic import show_regions
+            from SegMambaSlicerLib.slicer.logic import show_regions
 
             show_regions(self._resultNode, self._result.card, regions)
 
     def _onShow3DChanged(self, visible):
         if self._resultNode is not None:
-            from SegMambaSlicerLib.logic import show_surfaces
+            from SegMambaSlicerLib.slicer.logic import show_surfaces
 
             show_surfaces(self._resultNode, visible)
 
@@ -532,7 +532,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
-    """Facade over SegMambaSlicerLib.logic.SegmentationLogic for the GUI and the Python console.
+    """Facade over SegMambaSlicerLib.slicer.logic.SegmentationLogic for the GUI and the Python console.
 
     Console use (blocks until done; ``inWorker=True`` runs the network in a separate process)::
 
@@ -551,7 +551,7 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
     def impl(self):
         """The Qt-free logic; created on first use because importing it imports torch."""
         if self._impl is None:
-            from SegMambaSlicerLib.logic import SegmentationLogic
+            from SegMambaSlicerLib.slicer.logic import SegmentationLogic
 
             self._impl = SegmentationLogic(slicer.mrmlScene)
         return self._impl
@@ -565,7 +565,7 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
     def loadSampleCase(self):
         """Load the synthetic BraTS-size case (written to the cache folder once); returns its volume nodes."""
-        from SegMambaSlicerLib.cache import sample_case
+        from SegMambaSlicerLib.models.cache import sample_case
 
         paths = sample_case()
         return [slicer.util.loadVolume(str(paths[key]), {"name": f"Sample {key}"}) for key in ("t2w", "t2f", "t1n", "t1c")]
@@ -576,7 +576,7 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
     def segmentFolder(self, inputDir, outputDir, model, options=None, **kwargs):
         """Segment every case of a folder to files (see docs/batch.md); returns the batch result."""
-        from SegMambaSlicerLib.batch import segment_folder
+        from SegMambaSlicerLib.run.batch import segment_folder
 
         return segment_folder(inputDir, outputDir, model, options, **kwargs)
 
@@ -641,8 +641,8 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
         """
         import numpy as np
         import torch
-        from SegMambaSlicerLib.mrml import volume_node_from_image
-        from SegMambaSlicerLib.pipeline import SegmentOptions
+        from SegMambaSlicerLib.engine.pipeline import SegmentOptions
+        from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
 
         with tempfile.TemporaryDirectory() as folder:
             card, images = self._workerCase(folder)
@@ -673,9 +673,9 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SimpleITK as sitk
         import torch
-        from SegMambaSlicerLib.cards import load_card
+        from SegMambaSlicerLib.evaluation.phantom import make_phantom
+        from SegMambaSlicerLib.models.cards import load_card
         from SegMambaSlicerLib.networks import build_network
-        from SegMambaSlicerLib.phantom import make_phantom
 
         demo = builtin_cards().get(DEMO_MODEL_ID)
         if demo is not None and demo.weights_path() is not None and demo.weights_path().is_file():
@@ -698,7 +698,7 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
     def _assertSegmentsMatchVolumes(self, node, result, referenceVolume):
         """Every segment's voxel count times the voxel volume equals the volumes table."""
         import numpy as np
-        from SegMambaSlicerLib.logic import volume_rows
+        from SegMambaSlicerLib.slicer.logic import volume_rows
 
         voxel_ml = float(np.prod(referenceVolume.GetSpacing())) / 1000.0
         for row in volume_rows(result):

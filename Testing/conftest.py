@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 from allocator_fakes import FakeLibc
-from SegMambaSlicerLib import devices
-from SegMambaSlicerLib.cache import ENV_VAR
+from SegMambaSlicerLib.engine import devices
+from SegMambaSlicerLib.models.cache import ENV_VAR
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def mrml_scene():
     )
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the installed 'slicer' package is not slicer-core")
-    from SegMambaSlicerLib.mrml import headless_scene
+    from SegMambaSlicerLib.slicer.mrml import headless_scene
 
     with headless_scene() as headless:
         yield headless

@@ -19,12 +19,12 @@ import pytest
 import SimpleITK as sitk
 from allocator_fakes import KEEP, RESTORE
 from interrupted_runs import signal_while_writing
-from SegMambaSlicerLib import batch
-from SegMambaSlicerLib.batch import DONE, FAILED, SKIPPED, BatchError, discover_cases, segment_folder
-from SegMambaSlicerLib.cards import load_card
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
 from SegMambaSlicerLib.errors import CancelledError, DeviceError
-from SegMambaSlicerLib.phantom import MODALITIES, make_phantom, write_brats_case
-from SegMambaSlicerLib.pipeline import SegmentOptions, segment
+from SegMambaSlicerLib.evaluation.phantom import MODALITIES, make_phantom, write_brats_case
+from SegMambaSlicerLib.models.cards import load_card
+from SegMambaSlicerLib.run import batch
+from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, BatchError, discover_cases, segment_folder
 from toy_models import PointwiseNet, write_tiny_brats_card
 
 CPU = SegmentOptions(device="cpu")
@@ -244,8 +244,8 @@ def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort,
     shutil.copytree(cohort / GOOD[0], source / GOOD[0])
     out, marker = tmp_path / "out", tmp_path / "writing"
     body = ("import torch\n"
-            "from SegMambaSlicerLib.batch import segment_folder\n"
-            "from SegMambaSlicerLib.pipeline import SegmentOptions\n"
+            "from SegMambaSlicerLib.run.batch import segment_folder\n"
+            "from SegMambaSlicerLib.engine.pipeline import SegmentOptions\n"
             "segment_folder(sys.argv[1], sys.argv[2], sys.argv[3], SegmentOptions(device='cpu'),\n"
             "               network=torch.nn.Conv3d(4, 4, 1).eval())\n")
     code, _ = signal_while_writing(tmp_path / "slow_batch.py", body, [str(source), str(out), str(tiny_card_path)],

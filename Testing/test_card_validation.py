@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from SegMambaSlicerLib.cache import downloaded_weights_path
-from SegMambaSlicerLib.cards import load_card
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
 from SegMambaSlicerLib.errors import ModelCardError
+from SegMambaSlicerLib.models.cache import downloaded_weights_path
+from SegMambaSlicerLib.models.cards import load_card
+from SegMambaSlicerLib.models.resources import models_dir
 from SegMambaSlicerLib.networks import ARCHITECTURES, CARD_KWARGS
-from SegMambaSlicerLib.resources import models_dir
 
 BRATS = "segmamba-brats2023"
 SHA = hashlib.sha256(b"weights").hexdigest()
@@ -141,7 +141,7 @@ def test_cards_are_checked_without_importing_torch(tmp_path) -> None:
     card.write_text(json.dumps(data))
     script = (
         "import sys\n"
-        "from SegMambaSlicerLib.cards import builtin_cards, load_card\n"
+        "from SegMambaSlicerLib.models.cards import builtin_cards, load_card\n"
         "from SegMambaSlicerLib.errors import ModelCardError\n"
         "builtin_cards()\n"
         f"try:\n    load_card({str(card)!r})\nexcept ModelCardError as exc:\n    print(exc)\n"

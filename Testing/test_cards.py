@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from SegMambaSlicerLib.cards import builtin_cards, card_from_dict, find_card, load_card, match_channels
 from SegMambaSlicerLib.errors import ModelCardError
+from SegMambaSlicerLib.models.cards import builtin_cards, card_from_dict, find_card, load_card, match_channels
 
 
 def test_official_segmamba_card_states_the_brats_pipeline() -> None:

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from SegMambaSlicerLib.checkpoints import (
+from SegMambaSlicerLib.errors import CheckpointError
+from SegMambaSlicerLib.models.checkpoints import (
     compare_keys,
     detect_architecture,
     extract_state_dict,
     load_into,
     load_state_dict_file,
 )
-from SegMambaSlicerLib.errors import CheckpointError
 from shared_data import read_listing
 from torch import nn
 

@@ -14,13 +14,13 @@ import SimpleITK as sitk
 import torch
 from local_http import serve_folder
 from PIL import Image
-from SegMambaSlicerLib import downloads, registry
-from SegMambaSlicerLib.cache import downloaded_weights_path
-from SegMambaSlicerLib.cards import builtin_cards, load_card
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
-from SegMambaSlicerLib.measure import volumes_ml
-from SegMambaSlicerLib.resources import models_dir
-from SegMambaSlicerLib.seg_nrrd import read_seg_nrrd
+from SegMambaSlicerLib.engine.volumes import volumes_ml
+from SegMambaSlicerLib.io.seg_nrrd import read_seg_nrrd
+from SegMambaSlicerLib.models import downloads, registry
+from SegMambaSlicerLib.models.cache import downloaded_weights_path
+from SegMambaSlicerLib.models.cards import builtin_cards, load_card
+from SegMambaSlicerLib.models.resources import models_dir
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segmamba_v1_tiny.pt"
 BRATS = "segmamba-brats2023"

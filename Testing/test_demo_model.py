@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SegMambaSlicerLib.cards import builtin_cards
-from SegMambaSlicerLib.checkpoints import detect_architecture, load_into, load_state_dict_file
+from SegMambaSlicerLib.engine.pipeline import load_network
+from SegMambaSlicerLib.evaluation.phantom import make_phantom
+from SegMambaSlicerLib.models.cards import builtin_cards
+from SegMambaSlicerLib.models.checkpoints import detect_architecture, load_into, load_state_dict_file
 from SegMambaSlicerLib.networks import build_network
-from SegMambaSlicerLib.phantom import make_phantom
-from SegMambaSlicerLib.pipeline import load_network
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 MAX_WEIGHTS_BYTES = 20_000_000

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from packaging.requirements import Requirement
-from SegMambaSlicerLib.dependencies import (
+from SegMambaSlicerLib.slicer.install import (
     PACKAGING_INSTALLER,
     PIP,
     PIP_INSTALLER,

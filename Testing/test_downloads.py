@@ -19,8 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from SegMambaSlicerLib import downloads
-from SegMambaSlicerLib.downloads import (
+from SegMambaSlicerLib.models import downloads
+from SegMambaSlicerLib.models.downloads import (
     ChecksumMismatchError,
     DownloadCancelled,
     DownloadError,

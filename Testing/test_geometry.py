@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from SegMambaSlicerLib.errors import InputImageError
-from SegMambaSlicerLib.geometry import direction_matrix, reorder_to, resample_onto
+from SegMambaSlicerLib.io.geometry import direction_matrix, reorder_to, resample_onto
 
 
 def _signed_permutations() -> list[np.ndarray]:

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from dicom_files import write_dicom_series
 from SegMambaSlicerLib.errors import InputImageError
-from SegMambaSlicerLib.imageio import read_image, write_image_atomic
+from SegMambaSlicerLib.io.images import read_image, write_image_atomic
 
 
 def test_dicom_series_folder_reads_with_the_same_voxels_and_geometry(tmp_path: Path) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from SegMambaSlicerLib.errors import CancelledError
-from SegMambaSlicerLib.inference import (
+from SegMambaSlicerLib.engine.inference import (
     WindowSettings,
     count_windows,
     mirror_flips,
@@ -15,6 +14,7 @@ from SegMambaSlicerLib.inference import (
     predict_logits,
     windows_per_axis,
 )
+from SegMambaSlicerLib.errors import CancelledError
 from toy_models import PointwiseNet
 
 

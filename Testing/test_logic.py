@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
 from SegMambaSlicerLib.errors import InputImageError
-from SegMambaSlicerLib.pipeline import SegmentOptions, segment
 from toy_models import PointwiseNet, toy_card
 
 CPU = SegmentOptions(device="cpu")
@@ -27,8 +27,8 @@ def _real_file(tmp_path: Path) -> Path:
 
 def test_logic_on_slicer_loaded_volume_matches_file_pipeline(mrml_scene, tmp_path: Path) -> None:
     slicer = pytest.importorskip("slicer")
-    from SegMambaSlicerLib.logic import SegmentationLogic
-    from SegMambaSlicerLib.mrml import load_volume_file
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import load_volume_file
 
     path = _real_file(tmp_path)
     card = toy_card(channels=1, labels=2, roi=16)
@@ -52,8 +52,8 @@ def test_logic_on_slicer_loaded_volume_matches_file_pipeline(mrml_scene, tmp_pat
 
 
 def test_logic_reuses_output_node_and_refuses_missing_inputs(mrml_scene) -> None:
-    from SegMambaSlicerLib.logic import SegmentationLogic
-    from SegMambaSlicerLib.mrml import volume_node_from_image
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
 
     arr = np.zeros((12, 12, 12), np.float32)
     arr[3:9, 3:9, 3:9] = 5.0
@@ -79,7 +79,7 @@ BRATS_LIKE = {"labels": [(1, "Necrosis"), (2, "Edema"), (3, "Enhancing")],
 
 
 def _brats_like_card():
-    from SegMambaSlicerLib.cards import card_from_dict
+    from SegMambaSlicerLib.models.cards import card_from_dict
 
     return card_from_dict({
         "id": "brats-like", "architecture": {"name": "toy"}, "channels": [{"key": "t1"}],
@@ -90,10 +90,10 @@ def _brats_like_card():
 
 
 def _imported_result(mrml_scene, labelmap: sitk.Image):
-    from SegMambaSlicerLib.logic import SegmentationLogic
-    from SegMambaSlicerLib.measure import volumes_ml
-    from SegMambaSlicerLib.mrml import volume_node_from_image
-    from SegMambaSlicerLib.pipeline import SegmentationResult
+    from SegMambaSlicerLib.engine.pipeline import SegmentationResult
+    from SegMambaSlicerLib.engine.volumes import volumes_ml
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
 
     card = _brats_like_card()
     reference = volume_node_from_image(sitk.Cast(labelmap, sitk.sitkFloat32), mrml_scene.scene, "t1")
@@ -104,7 +104,7 @@ def _imported_result(mrml_scene, labelmap: sitk.Image):
 
 def test_volumes_table_equals_voxel_counting_on_an_anisotropic_oblique_grid(mrml_scene, oblique_labelmap) -> None:
     slicer = pytest.importorskip("slicer")
-    from SegMambaSlicerLib.logic import volume_rows
+    from SegMambaSlicerLib.slicer.logic import volume_rows
 
     node, result, reference = _imported_result(mrml_scene, oblique_labelmap)
     voxel_ml = 0.7 * 1.3 * 2.9 / 1000.0
@@ -122,7 +122,7 @@ def test_volumes_table_equals_voxel_counting_on_an_anisotropic_oblique_grid(mrml
 
 
 def test_display_switches_between_labels_and_regions_and_shows_surfaces(mrml_scene, oblique_labelmap) -> None:
-    from SegMambaSlicerLib.logic import show_regions, show_surfaces
+    from SegMambaSlicerLib.slicer.logic import show_regions, show_surfaces
 
     node, result, _ = _imported_result(mrml_scene, oblique_labelmap)
     display = node.GetDisplayNode()
@@ -146,7 +146,7 @@ def test_display_switches_between_labels_and_regions_and_shows_surfaces(mrml_sce
 
 
 def _info(**changes):
-    from SegMambaSlicerLib.logic import GpuInfo, SystemInfo
+    from SegMambaSlicerLib.slicer.logic import GpuInfo, SystemInfo
 
     base = {"torch_version": "2.5.1+cu124", "cuda_build": "12.4", "gpus": (GpuInfo(0, "NVIDIA RTX 4090", 23.99),),
             "mps": False, "fused_kernels": None, "nvidia_driver": True}
@@ -154,7 +154,7 @@ def _info(**changes):
 
 
 def test_device_choices_and_info_line_explain_the_gpu_state() -> None:
-    from SegMambaSlicerLib.logic import describe_system, device_choices
+    from SegMambaSlicerLib.slicer.logic import describe_system, device_choices
 
     gpu = _info()
     assert device_choices(gpu) == [("auto", "Automatic (GPU 0: NVIDIA RTX 4090)"),
@@ -174,14 +174,14 @@ def test_device_choices_and_info_line_explain_the_gpu_state() -> None:
 
 def test_system_info_probes_this_python() -> None:
     import torch
-    from SegMambaSlicerLib.logic import system_info
+    from SegMambaSlicerLib.slicer.logic import system_info
 
     info = system_info()
     assert info.torch_version == torch.__version__ and info.cuda_usable == torch.cuda.is_available()
 
 
 def test_progress_clock_estimates_time_left_from_the_window_rate() -> None:
-    from SegMambaSlicerLib.logic import ProgressClock, format_seconds, progress_text
+    from SegMambaSlicerLib.slicer.logic import ProgressClock, format_seconds, progress_text
 
     now = [100.0]
     clock = ProgressClock(clock=lambda: now[0])
@@ -202,8 +202,8 @@ def test_starting_without_weights_fails_at_once_with_the_cards_instructions(mrml
     import dataclasses
 
     from SegMambaSlicerLib.errors import CheckpointError
-    from SegMambaSlicerLib.logic import SegmentationLogic
-    from SegMambaSlicerLib.mrml import volume_node_from_image
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
 
     node = volume_node_from_image(sitk.GetImageFromArray(np.ones((8, 8, 8), np.float32)), mrml_scene.scene, "t1")
     card = toy_card(channels=1, labels=1)
@@ -216,8 +216,8 @@ def test_starting_without_weights_fails_at_once_with_the_cards_instructions(mrml
 
 
 def test_node_groups_are_segmented_case_by_case_with_overall_progress(mrml_scene) -> None:
-    from SegMambaSlicerLib.logic import SegmentationLogic
-    from SegMambaSlicerLib.mrml import volume_node_from_image
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
 
     groups, expected = [], []
     for size in (10, 14):

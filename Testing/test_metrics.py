@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy import ndimage
-from SegMambaSlicerLib import metrics
-from SegMambaSlicerLib.metrics import (
+from SegMambaSlicerLib.evaluation import metrics
+from SegMambaSlicerLib.evaluation.metrics import (
     BRATS_GROUPS,
     FAILED,
     MISSING,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.mixers import (
+from SegMambaSlicerLib.networks.ops.mixers import (
     Mamba,
     SequenceLengthError,
     TriOrientedMamba,
@@ -15,7 +15,7 @@ from SegMambaSlicerLib.mixers import (
     interleave_slices,
     set_scan_backend,
 )
-from SegMambaSlicerLib.selective_scan import UnknownScanBackendError
+from SegMambaSlicerLib.networks.ops.scan import UnknownScanBackendError
 from torch import nn
 
 LISTING = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "state_dicts"

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from SegMambaSlicerLib.cards import LabelSpec, builtin_cards
 from SegMambaSlicerLib.errors import InputImageError
+from SegMambaSlicerLib.models.cards import LabelSpec, builtin_cards
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 nib = pytest.importorskip("nibabel", reason="nibabel (test data) is not installed")
-mrml = pytest.importorskip("SegMambaSlicerLib.mrml")
+mrml = pytest.importorskip("SegMambaSlicerLib.slicer.mrml")
 vtk = pytest.importorskip("vtk")
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

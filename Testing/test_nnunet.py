@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SegMambaSlicerLib.cards import load_card
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
 from SegMambaSlicerLib.errors import CheckpointError
-from SegMambaSlicerLib.networks.mambaclinix import mambaclinix_from_plans
-from SegMambaSlicerLib.nnunet import (
+from SegMambaSlicerLib.models.cards import load_card
+from SegMambaSlicerLib.models.nnunet import (
     FoldEnsemble,
     NnunetModelError,
     card_for_nnunet_folder,
@@ -25,7 +25,7 @@ from SegMambaSlicerLib.nnunet import (
     read_nnunet_checkpoint,
     settings_from_plans,
 )
-from SegMambaSlicerLib.pipeline import SegmentOptions, segment
+from SegMambaSlicerLib.networks.mambaclinix import mambaclinix_from_plans
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 MODEL_DIR = "nnUNetTrainerMambaClinix__nnUNetPlans__3d_fullres"

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SegMambaSlicerLib.inference import (
+from SegMambaSlicerLib.engine.inference import (
     WindowSettings,
     count_windows,
     nnunet_gaussian,
     nnunet_steps,
     predict_logits,
 )
-from SegMambaSlicerLib.nnunet import FoldEnsemble, card_from_nnunet, settings_from_plans
-from SegMambaSlicerLib.pipeline import SegmentOptions, segment, window_settings
-from SegMambaSlicerLib.preprocessing import nnunet_export, preprocess_nnunet
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment, window_settings
+from SegMambaSlicerLib.engine.preprocessing import nnunet_export, preprocess_nnunet
+from SegMambaSlicerLib.models.nnunet import FoldEnsemble, card_from_nnunet, settings_from_plans
 
 HERE = Path(__file__).resolve().parent / "fixtures_nnunet"
 pytest.importorskip("nibabel", reason="the reference volumes are nibabel's test data")

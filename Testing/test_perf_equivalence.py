@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from allocator_fakes import KEEP, RESTORE, FakeLibc
-from SegMambaSlicerLib import devices
-from SegMambaSlicerLib.devices import reuse_freed_cpu_memory
-from SegMambaSlicerLib.inference import WindowSettings, predict_logits
+from SegMambaSlicerLib.engine import devices
+from SegMambaSlicerLib.engine.devices import reuse_freed_cpu_memory
+from SegMambaSlicerLib.engine.inference import WindowSettings, predict_logits
 from SegMambaSlicerLib.networks import segmamba_v1, segmamba_v2
-from SegMambaSlicerLib.networks.unetr import (
+from SegMambaSlicerLib.networks.segmamba_encoder_decoder import (
     LayoutPreservingInstanceNorm3d,
     PointwiseConv3d,
     use_layout_preserving_layers,

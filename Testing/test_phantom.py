@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
-from SegMambaSlicerLib.phantom import MODALITIES, PhantomCase, make_phantom, write_brats_case
+from SegMambaSlicerLib.evaluation.phantom import MODALITIES, PhantomCase, make_phantom, write_brats_case
 
 SMALL = (48, 48, 32)  # (x, y, z)
 

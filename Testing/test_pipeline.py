@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
 from SegMambaSlicerLib.errors import InputImageError
-from SegMambaSlicerLib.pipeline import SegmentOptions, segment
 from toy_models import AxisGradientNet, PointwiseNet, pointwise_expected, toy_card
 
 CPU = SegmentOptions(device="cpu")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from SegMambaSlicerLib.cards import Preprocessing
-from SegMambaSlicerLib.errors import InputImageError
-from SegMambaSlicerLib.preprocessing import (
+from SegMambaSlicerLib.engine.preprocessing import (
     NnunetChannel,
     NnunetResampling,
     NnunetSettings,
@@ -20,6 +18,8 @@ from SegMambaSlicerLib.preprocessing import (
     separate_z_axis,
     zscore,
 )
+from SegMambaSlicerLib.errors import InputImageError
+from SegMambaSlicerLib.models.cards import Preprocessing
 
 
 def test_nonzero_box_is_union_over_channels_half_open() -> None:

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from SegMambaSlicerLib import phantom
-from SegMambaSlicerLib.cache import (
+from SegMambaSlicerLib.engine.pipeline import load_network
+from SegMambaSlicerLib.errors import CheckpointError, ModelCardError
+from SegMambaSlicerLib.evaluation import phantom
+from SegMambaSlicerLib.models.cache import (
     ENV_VAR,
     cache_dir,
     default_cache_dir,
     downloaded_weights_path,
     sample_case,
 )
-from SegMambaSlicerLib.errors import CheckpointError, ModelCardError
-from SegMambaSlicerLib.pipeline import load_network
-from SegMambaSlicerLib.registry import (
+from SegMambaSlicerLib.models.registry import (
     MANUAL,
     MISSING,
     READY,
@@ -29,7 +29,7 @@ from SegMambaSlicerLib.registry import (
     user_cards,
     weights_state,
 )
-from SegMambaSlicerLib.resources import models_dir
+from SegMambaSlicerLib.models.resources import models_dir
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segmamba_v1_tiny.pt"
 BRATS = "segmamba-brats2023"

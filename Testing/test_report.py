@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
-from SegMambaSlicerLib.cards import builtin_cards
-from SegMambaSlicerLib.measure import volumes_ml
-from SegMambaSlicerLib.report import ReportError, preview_panels, write_preview_png, write_volumes_csv
+from SegMambaSlicerLib.engine.volumes import volumes_ml
+from SegMambaSlicerLib.io.report import ReportError, preview_panels, write_preview_png, write_volumes_csv
+from SegMambaSlicerLib.models.cards import builtin_cards
 
 CARD = builtin_cards()["segmamba-brats2023"]
 SHAPE_ZYX = (12, 16, 20)

@@ -6,12 +6,12 @@ import logging
 from collections.abc import Callable
 
 import pytest
-import SegMambaSlicerLib.selective_scan as ss
+import SegMambaSlicerLib.networks.ops.scan as ss
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.mixers import TriOrientedMamba, set_scan_backend
+from SegMambaSlicerLib.networks.ops.mixers import TriOrientedMamba, set_scan_backend
+from SegMambaSlicerLib.networks.ops.scan import causal_conv1d, selective_scan
 from SegMambaSlicerLib.networks.segmamba_v1 import SegMambaV1
-from SegMambaSlicerLib.selective_scan import causal_conv1d, selective_scan
 from torch import nn
 
 Tensors = dict[str, torch.Tensor]

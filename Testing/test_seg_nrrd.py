@@ -7,9 +7,9 @@ import gzip
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from SegMambaSlicerLib.atomic import OutputError
-from SegMambaSlicerLib.cards import builtin_cards
-from SegMambaSlicerLib.seg_nrrd import SegmentationFileError, read_seg_nrrd, write_seg_nrrd
+from SegMambaSlicerLib.io.atomic import OutputError
+from SegMambaSlicerLib.io.seg_nrrd import SegmentationFileError, read_seg_nrrd, write_seg_nrrd
+from SegMambaSlicerLib.models.cards import builtin_cards
 
 CARD = builtin_cards()["segmamba-brats2023"]
 LABELS = CARD.labels
@@ -61,7 +61,7 @@ def test_header_has_slicer_fields_and_geometry(tmp_path, oblique_labelmap):
 def test_slicer_storage_node_reads_segments_at_the_right_places(mrml_scene, tmp_path, oblique_labelmap):
     import slicer
     import vtk
-    from SegMambaSlicerLib.mrml import volume_node_from_image
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
 
     path = write_seg_nrrd(oblique_labelmap, LABELS, tmp_path / "out.seg.nrrd", CARD.regions)
     scene = mrml_scene.scene
@@ -186,3 +186,10 @@ def test_reader_rejects_non_segmentation_files(tmp_path):
     )
     with pytest.raises(SegmentationFileError, match="truncated"):
         read_seg_nrrd(truncated)
+
+
+def test_the_same_segmentation_always_gives_the_same_bytes(tmp_path, oblique_labelmap):
+    """Reproducible outputs: the random temporary name of the atomic write must not leak into the file."""
+    first = write_seg_nrrd(oblique_labelmap, LABELS, tmp_path / "a" / "out.seg.nrrd", CARD.regions)
+    second = write_seg_nrrd(oblique_labelmap, LABELS, tmp_path / "b" / "out.seg.nrrd", CARD.regions)
+    assert first.read_bytes() == second.read_bytes()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from SegMambaSlicerLib.errors import ModelCardError
-from SegMambaSlicerLib.mixers import set_scan_backend
 from SegMambaSlicerLib.networks import build_network
+from SegMambaSlicerLib.networks.ops.mixers import set_scan_backend
 from SegMambaSlicerLib.networks.segmamba_v1 import InputSizeError, SegMambaV1
 from shared_data import RECIPE_SUM_RTOL
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from SegMambaSlicerLib.errors import InputImageError, ModelCardError
 from SegMambaSlicerLib.networks import build_network
+from SegMambaSlicerLib.networks.segmamba_encoder_decoder import NetworkConfigError
 from SegMambaSlicerLib.networks.segmamba_v2 import SegMambaV2
-from SegMambaSlicerLib.networks.unetr import NetworkConfigError
 from shared_data import FIXTURES, RECIPE_SUM_RTOL, read_listing
 
 

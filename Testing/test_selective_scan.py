@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import SegMambaSlicerLib.selective_scan as ss
+import SegMambaSlicerLib.networks.ops.scan as ss
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.selective_scan import (
+from SegMambaSlicerLib.networks.ops.scan import (
     ScanBackendUnavailableError,
     UnknownScanBackendError,
     available_backends,

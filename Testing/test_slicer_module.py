@@ -81,7 +81,7 @@ def test_module_self_test_background_worker_passes_on_headless_scene(
 @pytest.mark.slow
 def test_module_self_test_background_worker_with_the_demo_model(mrml_scene, monkeypatch: pytest.MonkeyPatch) -> None:
     module = _import_module_file(monkeypatch)
-    from SegMambaSlicerLib.cards import builtin_cards
+    from SegMambaSlicerLib.models.cards import builtin_cards
 
     demo = builtin_cards().get(module.DEMO_MODEL_ID)
     if demo is None or demo.weights_path() is None or not demo.weights_path().is_file():

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from local_http import serve_folder
-from SegMambaSlicerLib import cache as cache_module
-from SegMambaSlicerLib import downloads
-from SegMambaSlicerLib.cache import VERIFIED_FILE, file_sha256
-from SegMambaSlicerLib.cards import builtin_cards, load_card
-from SegMambaSlicerLib.checkpoints import WeightsChangedError, verified_weights_path
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
 from SegMambaSlicerLib.errors import CheckpointError
-from SegMambaSlicerLib.registry import (
+from SegMambaSlicerLib.models import cache as cache_module
+from SegMambaSlicerLib.models import downloads
+from SegMambaSlicerLib.models.cache import VERIFIED_FILE, file_sha256
+from SegMambaSlicerLib.models.cards import builtin_cards, load_card
+from SegMambaSlicerLib.models.checkpoints import WeightsChangedError, verified_weights_path
+from SegMambaSlicerLib.models.registry import (
     CHANGED,
     READY,
     all_cards,
@@ -26,7 +26,7 @@ from SegMambaSlicerLib.registry import (
     import_weights,
     weights_state,
 )
-from SegMambaSlicerLib.resources import models_dir
+from SegMambaSlicerLib.models.resources import models_dir
 
 BRATS = "segmamba-brats2023"
 #: A small SegMamba V1 with BraTS inputs and outputs, so an import takes the BraTS card as its template.

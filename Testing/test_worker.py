@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SegMambaSlicerLib.cards import builtin_cards, card_from_dict, load_card
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segment
 from SegMambaSlicerLib.errors import CancelledError, CheckpointError
+from SegMambaSlicerLib.models.cards import builtin_cards, card_from_dict, load_card
 from SegMambaSlicerLib.networks import build_network
-from SegMambaSlicerLib.pipeline import SegmentOptions, load_network, segment
-from SegMambaSlicerLib.worker import (
+from SegMambaSlicerLib.run.worker import (
     WorkerCrashedError,
     WorkerError,
     WorkerEvent,

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from SegMambaSlicerLib.cards import ModelCard, card_from_dict
-from SegMambaSlicerLib.resources import models_dir
+from SegMambaSlicerLib.models.cards import ModelCard, card_from_dict
+from SegMambaSlicerLib.models.resources import models_dir
 from torch import nn
 
 #: A SegMamba V1 small enough for 32³ windows in a fraction of a second on one core.

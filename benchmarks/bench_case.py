@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from benchlib import load_average, machine_info, peak_rss_mib, seeded_network, write_json
-from SegMambaSlicerLib.cards import ModelCard, find_card
-from SegMambaSlicerLib.phantom import make_phantom
-from SegMambaSlicerLib.pipeline import SegmentOptions, load_network, segment
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segment
+from SegMambaSlicerLib.evaluation.phantom import make_phantom
+from SegMambaSlicerLib.models.cards import ModelCard, find_card
 from torch import nn
 
 CARD = "segmamba-brats2023"

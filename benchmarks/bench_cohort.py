@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import SegMambaSlicerLib.inference  # noqa: F401 - binds predict_logits' own memory context before any patch
+import SegMambaSlicerLib.engine.inference  # noqa: F401 - binds predict_logits' own memory context before any patch
 import torch
 from benchlib import load_average, machine_info, seeded_network, write_json
-from SegMambaSlicerLib import devices
-from SegMambaSlicerLib.batch import segment_folder
-from SegMambaSlicerLib.cards import find_card
-from SegMambaSlicerLib.phantom import make_phantom, write_brats_case
-from SegMambaSlicerLib.pipeline import SegmentOptions
+from SegMambaSlicerLib.engine import devices
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions
+from SegMambaSlicerLib.evaluation.phantom import make_phantom, write_brats_case
+from SegMambaSlicerLib.models.cards import find_card
+from SegMambaSlicerLib.run.batch import segment_folder
 
 CARD = "segmamba-brats2023"
 VARIANTS = ("per-case", "cohort")

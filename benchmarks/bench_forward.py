@@ -50,10 +50,10 @@ from benchlib import (
     timed,
     write_json,
 )
-from SegMambaSlicerLib import mixers
-from SegMambaSlicerLib.cards import ModelCard, find_card
-from SegMambaSlicerLib.devices import reuse_freed_cpu_memory
+from SegMambaSlicerLib.engine.devices import reuse_freed_cpu_memory
+from SegMambaSlicerLib.models.cards import ModelCard, find_card
 from SegMambaSlicerLib.networks import ARCHITECTURES
+from SegMambaSlicerLib.networks.ops import mixers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

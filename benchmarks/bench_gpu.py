@@ -30,10 +30,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from benchlib import load_average, machine_info, seeded_network, write_json
-from SegMambaSlicerLib.cards import find_card
-from SegMambaSlicerLib.phantom import make_phantom
-from SegMambaSlicerLib.pipeline import SegmentOptions, segment
-from SegMambaSlicerLib.selective_scan import available_backends
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
+from SegMambaSlicerLib.evaluation.phantom import make_phantom
+from SegMambaSlicerLib.models.cards import find_card
+from SegMambaSlicerLib.networks.ops.scan import available_backends
 from torch import nn
 
 CARD = "segmamba-brats2023"

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.mixers import TriOrientedMamba, set_scan_backend
-from SegMambaSlicerLib.selective_scan import selective_scan
+from SegMambaSlicerLib.networks.ops.mixers import TriOrientedMamba, set_scan_backend
+from SegMambaSlicerLib.networks.ops.scan import selective_scan
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:

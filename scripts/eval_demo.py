@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from SegMambaSlicerLib.cards import ModelCard, load_card
-from SegMambaSlicerLib.phantom import make_phantom
-from SegMambaSlicerLib.pipeline import SegmentOptions, load_network, segment
-from SegMambaSlicerLib.resources import models_dir
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segment
+from SegMambaSlicerLib.evaluation.phantom import make_phantom
+from SegMambaSlicerLib.models.cards import ModelCard, load_card
+from SegMambaSlicerLib.models.resources import models_dir
 from torch import nn
 
 DEMO_CARD = models_dir() / "segmamba-demo.json"

@@ -1,6 +1,6 @@
 """Train the offline DEMO model: a reduced SegMamba V1 on synthetic BraTS-like phantoms, on CPU.
 
-DEMO ONLY: the model is trained on synthetic phantoms (SegMambaSlicerLib.phantom) and is not for
+DEMO ONLY: the model is trained on synthetic phantoms (SegMambaSlicerLib.evaluation.phantom) and is not for
 clinical use. It exists so that the project's main command segments a realistic case end to end on a
 machine without network access.
 
@@ -40,13 +40,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.cards import ModelCard, load_card
-from SegMambaSlicerLib.downloads import sha256_file
-from SegMambaSlicerLib.geometry import direction_matrix, reorder_to, stack_channels
+from SegMambaSlicerLib.engine.preprocessing import preprocess
+from SegMambaSlicerLib.evaluation.phantom import PhantomCase, make_phantom
+from SegMambaSlicerLib.io.geometry import direction_matrix, reorder_to, stack_channels
+from SegMambaSlicerLib.models.cards import ModelCard, load_card
+from SegMambaSlicerLib.models.downloads import sha256_file
+from SegMambaSlicerLib.models.resources import models_dir
 from SegMambaSlicerLib.networks import build_network
-from SegMambaSlicerLib.phantom import PhantomCase, make_phantom
-from SegMambaSlicerLib.preprocessing import preprocess
-from SegMambaSlicerLib.resources import models_dir
 from torch import Tensor, nn
 
 DEMO_CARD = models_dir() / "segmamba-demo.json"

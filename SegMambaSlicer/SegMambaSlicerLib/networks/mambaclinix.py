@@ -29,7 +29,7 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import (
 from torch import nn
 
 from SegMambaSlicerLib.errors import InputImageError, ModelCardError
-from SegMambaSlicerLib.mixers import Mamba
+from SegMambaSlicerLib.networks.ops.mixers import Mamba
 
 Kernel = Sequence[int]
 

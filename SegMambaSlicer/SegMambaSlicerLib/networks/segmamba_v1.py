@@ -1,7 +1,7 @@
 """SegMamba (V1, MICCAI 2024) re-implemented from the facts in MODELS.md section 2.
 
 Module names, nesting and registration order reproduce the official state dict exactly, so official
-checkpoints load with ``strict=True``. The tri-oriented Mamba runs through :mod:`SegMambaSlicerLib.mixers`,
+checkpoints load with ``strict=True``. The tri-oriented Mamba runs through :mod:`SegMambaSlicerLib.networks.ops.mixers`,
 hence on any torch device.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..mixers import TriOrientedMamba
-from .unetr import (
+from .ops.mixers import TriOrientedMamba
+from .segmamba_encoder_decoder import (
     InputSizeError,
     NetworkConfigError,
     add_unetr_blocks,

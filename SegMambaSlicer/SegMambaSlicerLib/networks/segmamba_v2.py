@@ -15,10 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..mixers import Mamba
-from .segmamba_v1 import MlpChannel  # the same skip head (fc1, GELU, fc2) in both versions
-from .unetr import HEAD_CHANNELS as STEM_CHANNELS
-from .unetr import (
+from .ops.mixers import Mamba
+from .segmamba_encoder_decoder import HEAD_CHANNELS as STEM_CHANNELS
+from .segmamba_encoder_decoder import (
     add_unetr_blocks,
     check_config,
     check_size_multiple,
@@ -27,6 +26,7 @@ from .unetr import (
     use_layout_preserving_layers,
     volume_from_tokens,
 )
+from .segmamba_v1 import MlpChannel  # the same skip head (fc1, GELU, fc2) in both versions
 
 #: Stages (0-based) that hold Mamba layers; the shallower ones only have convolution blocks.
 MAMBA_STAGES = (2, 3)

@@ -1,0 +1,117 @@
+"""Choosing and describing the compute device (CUDA, Apple MPS, CPU), and the CPU allocator setting."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import logging
+import platform
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import DeviceError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map "auto" | "cpu" | "cuda[:N]" | "mps" to an available torch device, or explain why not."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build"
+            raise DeviceError(
+                f"CUDA was requested but no usable NVIDIA GPU was found (torch {torch.__version__} is {build}). "
+                "Choose device 'cpu' or install a CUDA build of PyTorch that supports your GPU."
+            )
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"GPU {device.index} does not exist; this machine has {torch.cuda.device_count()}.")
+        return device
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise DeviceError("Apple MPS was requested but is not available; choose 'cpu'.")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def describe_device(device: torch.device) -> str:
+    """One line for logs and the GUI: device, GPU name and memory, torch build."""
+    text = f"torch {torch.__version__}, device {device}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        text += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda})"
+    return text
+
+
+# ------------------------------------------------------------------ CPU memory reuse
+
+log = logging.getLogger("SegMambaSlicerLib")
+
+# glibc mallopt parameters and their documented defaults (mallopt(3)).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
+
+
+class _AllocatorState:
+    """Nesting depth of :func:`reuse_freed_cpu_memory` across threads."""
+
+    lock = threading.Lock()
+    depth = 0
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt and malloc_trim exist and mean what we use them for)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+    except (OSError, AttributeError) as exc:  # an unusual libc: run with the default allocator
+        log.debug("glibc allocator settings unavailable: %s", exc)
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def reuse_freed_cpu_memory() -> Iterator[None]:
+    """Keep freed CPU memory in the process for reuse while inside; give it back to the system on exit.
+
+    glibc returns every allocation above 32 MiB to the kernel when it is freed, and each new one is then
+    mapped and zero-filled page by page. A 128^3 SegMamba window allocates tens of GB of such short-lived
+    activations, so about a third of its CPU time went to page faults (docs/benchmarks.md). Inside this
+    context malloc serves large blocks from its heap and never trims it, so the same pages are reused;
+    on exit the defaults come back and ``malloc_trim`` releases the free pages, so the resident size
+    drops again. Nested and concurrent uses restore only when the last one exits. A no-op off glibc.
+    Side effect: glibc's adaptive mmap threshold stays fixed afterwards (any mallopt call does that).
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _AllocatorState.lock:
+        if _AllocatorState.depth == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+        _AllocatorState.depth += 1
+    try:
+        yield
+    finally:
+        with _AllocatorState.lock:
+            _AllocatorState.depth -= 1
+            if _AllocatorState.depth == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

@@ -1,0 +1,722 @@
+"""Segment every case in a folder: resumable, atomic, one worker process per device.
+
+The Python-console entry point is :func:`segment_folder` (the Slicer logic calls it too); the command
+line is ``segmamba-slicer batch INPUT_DIR OUTPUT_DIR --model ...`` (:func:`add_batch_parser`).
+
+Cases are found either in the BraTS 2023 layout ``<case>/<case>-{t2w,t2f,t1n,t1c}.nii.gz`` (one folder
+per case, channel files named by the card's channel keys or synonyms) or by a pattern such as
+``imagesTs/{case}_{index}.nii.gz`` (see :func:`discover_cases`). Every output is written to a hidden
+temporary file and renamed into place, so an interrupted batch leaves complete files or none; a case
+whose label map exists is skipped on the next run unless ``overwrite`` is set. A case that fails is
+logged and recorded in the summary CSV, and the batch goes on with the next case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import logging
+import multiprocessing
+import os
+import queue
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue as MPQueue
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..engine.volumes import volumes_ml
+from ..errors import CancelledError, InputImageError, SegMambaError
+from ..io.atomic import (
+    OutputError,
+    check_writable,
+    refuse_overwriting_inputs,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
+from ..io.images import find_case_channels, is_image_file, read_image, read_image_file, write_image_atomic
+from ..models.cards import ModelCard
+
+if TYPE_CHECKING:  # torch and the pipeline are imported on use: the command line should start fast
+    from torch import nn
+
+    from ..engine.pipeline import SegmentOptions
+
+log = logging.getLogger("SegMambaSlicerLib")
+
+PathLike = str | os.PathLike[str]
+ProgressCallback = Callable[[float, str], None]
+CancelCallback = Callable[[], bool]
+CaseCallback = Callable[["CaseResult"], None]
+
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+SUMMARY_NAME = "summary.csv"
+OUTPUT_SUFFIX = ".nii.gz"
+PREVIEW_SUFFIX = ".png"
+#: Seconds between checks for cancellation and for workers that died while the parent waits.
+_POLL_SECONDS = 0.5
+
+
+class BatchError(SegMambaError):
+    """The batch as a whole cannot run (no cases, bad pattern, bad device list, no worker could start)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case to segment: its id and one input file per card channel, or why they could not be found."""
+
+    case_id: str
+    inputs: tuple[Path, ...] = ()
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What happened to one case; ``volumes`` (mL per label and region name) also for skipped cases."""
+
+    case_id: str
+    status: str
+    seconds: float = 0.0
+    device: str = ""
+    windows: int = 0
+    volumes: dict[str, float] = field(default_factory=dict)
+    output: Path | None = None
+    error: str = ""
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Every case's result in discovery order and the summary CSV that lists them."""
+
+    cases: tuple[CaseResult, ...]
+    summary_csv: Path
+
+    @property
+    def failed(self) -> tuple[CaseResult, ...]:
+        return tuple(c for c in self.cases if c.status == FAILED)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover_cases(input_dir: PathLike, card: ModelCard, pattern: str | None = None,
+                   skip: PathLike | None = None) -> list[Case]:
+    """Find the cases in ``input_dir`` with one input file per channel of ``card``, sorted by id.
+
+    Without ``pattern``: every sub-folder that holds image files is a case named after the folder, with
+    channel files named ``<anything>-<key>.nii.gz`` (BraTS 2023). With ``pattern``: a path relative to
+    ``input_dir`` in which ``{case}`` stands for the case id, ``{channel}`` for a channel key or synonym
+    (``t2f``, ``flair`` ...), ``{index}`` for the channel's position in the card counted from 0 (nnU-Net's
+    ``_0000``), ``*`` for any characters within one folder name and ``**/`` for any sub-folders; e.g.
+    ``{case}/{case}_{channel}.nii.gz`` (BraTS 2021) or ``imagesTs/{case}_{index}.nii.gz`` (nnU-Net).
+    Matching ignores upper/lower case. A case whose files do not fit the card is returned with its
+    ``problem`` set, so that it fails visibly instead of disappearing. Files in the folder ``skip`` (the
+    output folder, when it lies inside the input folder) are ignored.
+    """
+    root = Path(input_dir).expanduser()
+    if not root.is_dir():
+        raise BatchError(f"The input folder {root} does not exist.")
+    skipped = Path(skip).expanduser().resolve() if skip is not None else None
+    cases = _cases_by_pattern(root, card, pattern, skipped) if pattern else _brats_cases(root, card, skipped)
+    if not cases:
+        how = f"matching the pattern {pattern!r}" if pattern else "(expected <case>/<case>-t2w.nii.gz ...)"
+        raise BatchError(f"No cases found in {root} {how}; use --pattern to describe another layout.")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _has_image_files(folder: Path) -> bool:
+    return any(is_image_file(p) for p in folder.iterdir())
+
+
+def _brats_cases(root: Path, card: ModelCard, skip: Path | None) -> list[Case]:
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.resolve() == skip or not _has_image_files(folder):
+            continue
+        try:
+            cases.append(Case(folder.name, tuple(find_case_channels(folder, card))))
+        except InputImageError as exc:
+            cases.append(Case(folder.name, problem=str(exc)))
+    return cases
+
+
+def pattern_regex(pattern: str, card: ModelCard) -> re.Pattern[str]:
+    """Compile a case pattern (see :func:`discover_cases`) into a regular expression over relative paths."""
+    if "{case}" not in pattern:
+        raise BatchError(f"The pattern {pattern!r} must contain {{case}} where the case id appears.")
+    if len(card.channels) > 1 and "{channel}" not in pattern and "{index}" not in pattern:
+        raise BatchError(
+            f"The pattern {pattern!r} must contain {{channel}} or {{index}}: {card.display_name} needs "
+            f"{len(card.channels)} input images per case."
+        )
+    names = sorted(_channel_names(card), key=len, reverse=True)
+    parts = {
+        "{case}": r"(?P<case>[^/]+?)",
+        "{channel}": "(?P<channel>" + "|".join(re.escape(n) for n in names) + ")",
+        "{index}": r"(?P<index>\d+)",
+        "**/": r"(?:[^/]+/)*",
+        "*": r"[^/]*",
+        "?": r"[^/]",
+    }
+    seen: set[str] = set()
+    regex = []
+    for token in re.split(r"(\{case\}|\{channel\}|\{index\}|\*\*/|\*|\?)", pattern.replace("\\", "/")):
+        if token in ("{case}", "{channel}", "{index}") and token in seen:
+            regex.append(f"(?P={token[1:-1]})")
+        elif token in parts:
+            regex.append(parts[token])
+            seen.add(token)
+        else:
+            regex.append(re.escape(token))
+    return re.compile("".join(regex), re.IGNORECASE)
+
+
+def _channel_names(card: ModelCard) -> dict[str, int]:
+    """Lower-case channel key or synonym → channel position (the first channel wins a shared synonym)."""
+    names: dict[str, int] = {}
+    for index, channel in enumerate(card.channels):
+        for name in (channel.key, *channel.synonyms):
+            names.setdefault(name.lower(), index)
+    return names
+
+
+def _cases_by_pattern(root: Path, card: ModelCard, pattern: str, skip: Path | None) -> list[Case]:
+    regex, names = pattern_regex(pattern, card), _channel_names(card)
+    found: dict[str, list[list[Path]]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue
+        match = regex.fullmatch(path.relative_to(root).as_posix())
+        if match is None:
+            continue
+        groups = match.groupdict()
+        if groups.get("channel") is not None:
+            index = names[groups["channel"].lower()]
+        elif groups.get("index") is not None:
+            index = int(groups["index"])
+        else:
+            index = 0
+        if index < len(card.channels):
+            found.setdefault(groups["case"], [[] for _ in card.channels])[index].append(path)
+    return [_case_from_files(case_id, files, card) for case_id, files in found.items()]
+
+
+def _case_from_files(case_id: str, files: list[list[Path]], card: ModelCard) -> Case:
+    for channel, hits in zip(card.channels, files):
+        if len(hits) != 1:
+            what = "no file" if not hits else f"{len(hits)} files ({', '.join(p.name for p in hits)})"
+            return Case(case_id, problem=f"Case {case_id}: {what} for channel {channel.display_name}.")
+    return Case(case_id, tuple(hits[0] for hits in files))
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def output_path(output_dir: Path, case_id: str) -> Path:
+    """Where a case's label map goes: ``<output_dir>/<case>.nii.gz`` (the BraTS submission naming)."""
+    return output_dir / f"{case_id}{OUTPUT_SUFFIX}"
+
+
+def preview_path(output_dir: Path, case_id: str) -> Path:
+    return output_dir / f"{case_id}{PREVIEW_SUFFIX}"
+
+
+def existing_volumes(path: Path, card: ModelCard, reference: Path | None = None) -> dict[str, float] | None:
+    """Volumes of a finished case's label map, or None when it is absent, incomplete or off-grid (then redone).
+
+    Only an output that reads back completely (a NIfTI cut short by a full disk is refused, see
+    :func:`.imageio.read_image_file`) on the grid of ``reference`` (the case's first input) counts.
+    """
+    if not path.is_file():
+        return None
+    try:
+        labelmap = read_image_file(path, "existing output")
+        if reference is not None and not same_grid(labelmap, reference):
+            log.warning("Segmenting %s again: the existing output is not on the grid of %s.", path.name,
+                        reference.name)
+            return None
+        return volumes_ml(labelmap, card)
+    except (SegMambaError, RuntimeError, TypeError, ValueError, IndexError) as exc:  # unreadable or not labels
+        log.warning("Segmenting %s again: the existing output cannot be read (%s).", path.name, exc)
+        return None
+
+
+def same_grid(image: sitk.Image, reference: Path) -> bool:
+    """Whether ``image`` lies on the voxel grid of the image file ``reference`` (its header is read only)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    reader.ReadImageInformation()
+    return (
+        tuple(image.GetSize()) == tuple(reader.GetSize())
+        and np.allclose(image.GetSpacing(), reader.GetSpacing(), rtol=1e-5, atol=1e-5)
+        and np.allclose(image.GetOrigin(), reader.GetOrigin(), rtol=1e-5, atol=1e-3)
+        and np.allclose(image.GetDirection(), reader.GetDirection(), atol=1e-5)
+    )
+
+
+def summary_columns(card: ModelCard) -> list[str]:
+    """case, status, seconds, device, windows, one ``<name> (mL)`` column per label and region, output, error,
+    warnings (about the inputs, e.g. a channel without contrast)."""
+    names = [label.name for label in card.labels] + [region.name for region in card.regions]
+    return ["case", "status", "seconds", "device", "windows", *(f"{n} (mL)" for n in names), "output", "error",
+            "warnings"]
+
+
+def write_summary(results: Sequence[CaseResult], card: ModelCard, path: Path) -> Path:
+    """Write the summary CSV atomically (a killed batch leaves the previous complete summary)."""
+    names = [label.name for label in card.labels] + [region.name for region in card.regions]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(summary_columns(card))
+    for r in results:
+        volumes = [f"{r.volumes[n]:.6f}" if n in r.volumes else "" for n in names]
+        writer.writerow([r.case_id, r.status, f"{r.seconds:.2f}", r.device, r.windows or "", *volumes,
+                         "" if r.output is None else str(r.output), r.error, " ".join(r.warnings)])
+    return write_text_atomic(path, buffer.getvalue(), what="batch summary")
+
+
+# ---------------------------------------------------------------- one case
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a process needs to segment cases (picklable for worker processes)."""
+
+    card: ModelCard
+    options: SegmentOptions
+    output_dir: Path
+    preview: bool
+
+
+def run_case(job: _Job, case: Case, network: nn.Module | None, progress: ProgressCallback | None,
+             cancel: CancelCallback | None) -> CaseResult:
+    """Segment one case and write its outputs; expected errors become a failed result, cancel propagates."""
+    from ..engine.pipeline import segment
+
+    start = time.perf_counter()
+    output = output_path(job.output_dir, case.case_id)
+    try:
+        if case.problem:
+            raise InputImageError(case.problem)
+        refuse_overwriting_inputs([output, preview_path(job.output_dir, case.case_id)], case.inputs)
+        remove_stale_temporaries(output)
+        result = segment(list(case.inputs), job.card, job.options, progress, cancel, network)
+    except CancelledError:
+        raise
+    except SegMambaError as exc:
+        return CaseResult(case.case_id, FAILED, time.perf_counter() - start, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken case must not stop a cohort; traceback goes to the log
+        log.exception("Case %s failed unexpectedly", case.case_id)
+        return CaseResult(case.case_id, FAILED, time.perf_counter() - start,
+                          error=f"unexpected {type(exc).__name__}: {exc}")
+    write_image_atomic(result.labelmap, output)  # a full disk or lost folder ends the batch (OutputError)
+    error = _write_preview(job, case, result.labelmap) if job.preview else ""
+    return CaseResult(case.case_id, DONE, time.perf_counter() - start, result.device, result.windows,
+                      result.volumes, output, error, result.warnings)
+
+
+def _write_preview(job: _Job, case: Case, labelmap: sitk.Image) -> str:
+    """Write the PNG preview; a failure is reported in the summary but does not undo the label map."""
+    from ..io.report import write_preview_png
+
+    path = preview_path(job.output_dir, case.case_id)
+    try:
+        remove_stale_temporaries(path)
+        write_preview_png(read_image(case.inputs[0]), labelmap, job.card, path)
+    except SegMambaError as exc:
+        log.warning("No preview for %s: %s", case.case_id, exc)
+        return f"preview not written: {exc}"
+    return ""
+
+
+def _skipped(job: _Job, case: Case) -> CaseResult | None:
+    """The result of a case that is already finished (its label map exists and reads), else None.
+
+    A preview that was asked for but is missing is made from the existing label map.
+    """
+    output = output_path(job.output_dir, case.case_id)
+    volumes = existing_volumes(output, job.card, case.inputs[0] if case.inputs else None)
+    if volumes is None:
+        return None
+    error = ""
+    if job.preview and not preview_path(job.output_dir, case.case_id).is_file() and not case.problem:
+        error = _write_preview(job, case, sitk.ReadImage(str(output)))
+    return CaseResult(case.case_id, SKIPPED, volumes=volumes, output=output, error=error)
+
+
+# ---------------------------------------------------------------- the batch
+
+
+def segment_folder(
+    input_dir: PathLike,
+    output_dir: PathLike,
+    model: str | PathLike | ModelCard,
+    options: SegmentOptions | None = None,
+    *,
+    pattern: str | None = None,
+    overwrite: bool = False,
+    preview: bool = False,
+    devices: Sequence[str] | None = None,
+    summary_csv: PathLike | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    on_case: CaseCallback | None = None,
+    network: nn.Module | None = None,
+) -> BatchResult:
+    """Segment every case in ``input_dir`` into ``output_dir/<case>.nii.gz`` and write a summary CSV.
+
+    ``model`` is a model id, a card ``.json``, a checkpoint or a :class:`ModelCard`; ``options`` are the
+    per-run settings of :func:`.pipeline.segment` (device, weights, overlap, TTA ...). ``pattern`` describes
+    the file layout (:func:`discover_cases`). Cases whose label map exists are skipped (and measured for the
+    summary) unless ``overwrite``. ``preview`` also writes ``<case>.png``. ``devices`` with more than one
+    entry (e.g. ``["cuda:0", "cuda:1"]``) runs one worker process per device, each with its own copy of
+    the network; otherwise cases run in this process on ``options.device`` (with ``network``, if given, as
+    the already loaded model). ``progress(fraction, message)`` covers cases and windows, ``cancel()``
+    returning True stops after the current window and raises :class:`CancelledError` (the summary lists
+    the cases finished so far), ``on_case(result)`` is called as each case ends. A failing case does not
+    stop the batch: check :attr:`BatchResult.failed`.
+    """
+    out, summary = check_batch_outputs(output_dir, summary_csv)
+    from ..engine.pipeline import SegmentOptions
+    from ..models.registry import resolve_model
+
+    card = model if isinstance(model, ModelCard) else resolve_model(model)
+    options = options or SegmentOptions()
+    devices = _check_devices(devices, network)
+    cases = discover_cases(input_dir, card, pattern, skip=out)
+    runner = _Runner(cases, _Job(card, options, out, preview), summary, progress, on_case)
+    todo = []
+    for case in cases:
+        done = None if overwrite else _skipped(runner.job, case)
+        if done is None:
+            todo.append(case)
+        else:
+            runner.finish(done, write=False)
+    try:
+        if len(devices) > 1 and len(todo) > 1:
+            _run_workers(runner, todo, devices[: len(todo)], cancel)
+        else:
+            if devices:
+                runner.job = dataclasses.replace(runner.job, options=dataclasses.replace(options, device=devices[0]))
+            _run_here(runner, todo, network, cancel)
+    finally:
+        runner.write()
+    return BatchResult(tuple(runner.ordered()), summary)
+
+
+def check_batch_outputs(output_dir: PathLike, summary_csv: PathLike | None = None) -> tuple[Path, Path]:
+    """The output folder and summary path, checked writable before anything slow (imports, models, cases)."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"The output folder {out} is a file; give a folder for the results.")
+    summary = Path(summary_csv).expanduser() if summary_csv else out / SUMMARY_NAME
+    check_writable(output_path(out, "case"), what="label maps")
+    check_writable(summary, suffixes=(".csv",), what="batch summary")
+    return out, summary
+
+
+def _check_devices(devices: Sequence[str] | None, network: nn.Module | None) -> list[str]:
+    """Validate the device list up front, so a typo fails before the first case rather than in a worker."""
+    from ..engine.devices import resolve_device
+
+    names = [d.strip() for d in devices or () if d.strip()]
+    for name in names:
+        resolve_device(name)
+    if len(names) > 1 and network is not None:
+        raise BatchError("A loaded network can only be used on one device; pass one device or no network.")
+    return names
+
+
+class _Runner:
+    """Collects results, keeps the summary current and turns per-case progress into batch progress."""
+
+    def __init__(self, cases: Sequence[Case], job: _Job, summary: Path, progress: ProgressCallback | None,
+                 on_case: CaseCallback | None) -> None:
+        self.order = {c.case_id: i for i, c in enumerate(cases)}
+        self.job, self.summary, self.progress, self.on_case = job, summary, progress, on_case
+        self.results: dict[str, CaseResult] = {}
+        self.running: dict[str, float] = {}
+
+    def finish(self, result: CaseResult, write: bool = True) -> None:
+        """Record a finished case: summary rewritten (``write``), failure logged, callback told, progress advanced."""
+        self.results[result.case_id] = result
+        self.running.pop(result.case_id, None)
+        if write:
+            self.write()
+        if result.status == FAILED:
+            log.warning("%s failed: %s", result.case_id, result.error)
+        if self.on_case is not None:
+            self.on_case(result)
+        self.report(result.case_id, result.status + (f" in {result.seconds:.1f} s" if result.status != SKIPPED else ""))
+
+    def case_progress(self, case_id: str) -> ProgressCallback:
+        def report(fraction: float, message: str) -> None:
+            self.running[case_id] = fraction
+            self.report(case_id, message)
+
+        return report
+
+    def report(self, case_id: str, message: str) -> None:
+        if self.progress is None:
+            return
+        total = len(self.order)
+        fraction = (len(self.results) + sum(self.running.values())) / total
+        self.progress(min(fraction, 1.0), f"{len(self.results)}/{total} cases, {case_id}: {message}")
+
+    def ordered(self) -> list[CaseResult]:
+        return sorted(self.results.values(), key=lambda r: self.order[r.case_id])
+
+    def write(self) -> None:
+        write_summary(self.ordered(), self.job.card, self.summary)
+
+
+def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, cancel: CancelCallback | None) -> None:
+    """Segment the cases one after another in this process, loading the network once, when first needed.
+
+    Freed CPU memory stays in the process for the whole cohort, not only for one case's windows: giving
+    it back after every case made each next case fault the same ~5 GB in again, ~6 s of a 51 s case on
+    a 2-core VM (docs/benchmarks.md). It is released when the loop ends.
+    """
+    from ..engine.devices import resolve_device, reuse_freed_cpu_memory
+    from ..engine.pipeline import load_network
+
+    with reuse_freed_cpu_memory():
+        for case in todo:
+            if cancel is not None and cancel():
+                raise CancelledError("Batch cancelled.")
+            if network is None and not case.problem:
+                job = runner.job
+                network = load_network(job.card, job.options.weights, resolve_device(job.options.device),
+                                       job.options.folds)
+            runner.finish(run_case(runner.job, case, network, runner.case_progress(case.case_id), cancel))
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueue, results: MPQueue) -> None:
+    """A worker process: load the network on ``device`` once, then segment cases from ``tasks`` until None.
+
+    Messages to the parent: ("start", index, case_id), ("progress", index, case_id, fraction, message),
+    ("done", index, CaseResult), ("fatal", index, message). The parent handles Ctrl-C; a worker whose
+    parent died stops at the next window instead of segmenting the rest of the cohort unattended.
+    """
+    import torch
+
+    from ..engine.devices import resolve_device, reuse_freed_cpu_memory
+    from ..engine.pipeline import load_network
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the parent's terminate(): unwind, removing temporaries
+    torch.set_num_threads(threads)
+    parent = multiprocessing.parent_process()
+
+    def orphaned() -> bool:
+        return parent is not None and not parent.is_alive()
+
+    options = dataclasses.replace(job.options, device=device)
+    job = dataclasses.replace(job, options=options)
+    try:
+        network = load_network(job.card, options.weights, resolve_device(device), options.folds)
+    except SegMambaError as exc:
+        results.put(("fatal", index, f"{device}: {exc}"))
+        return
+    with reuse_freed_cpu_memory():  # for the whole cohort, as in _run_here
+        for case in iter(tasks.get, None):
+            if orphaned():
+                return
+            results.put(("start", index, case.case_id))
+
+            def report(fraction: float, message: str, case_id: str = case.case_id) -> None:
+                results.put(("progress", index, case_id, fraction, message))
+
+            try:
+                result = run_case(job, case, network, report, orphaned)
+            except CancelledError:
+                return
+            except OutputError as exc:  # the disk is full or the folder went away: no case can be written
+                results.put(("output", index, str(exc)))
+                return
+            results.put(("done", index, dataclasses.replace(result, device=result.device or device)))
+
+
+def _run_workers(runner: _Runner, todo: Sequence[Case], devices: Sequence[str], cancel: CancelCallback | None) -> None:
+    """One spawned worker per device pulling cases from a shared queue (faster GPUs take more cases)."""
+    context = multiprocessing.get_context("spawn")  # fork is unsafe with CUDA and with OpenMP thread pools
+    tasks, results = context.Queue(), context.Queue()
+    for case in todo:
+        tasks.put(case)
+    for _ in devices:
+        tasks.put(None)
+    cpu_workers = sum(d.lower() == "cpu" for d in devices) or 1
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers)
+    workers = [
+        context.Process(target=_worker_main, args=(i, d, threads, runner.job, tasks, results), daemon=True,
+                        name=f"segmamba-batch-{d}")
+        for i, d in enumerate(devices)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        _collect(runner, todo, devices, workers, results, cancel)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+
+
+def _collect(runner: _Runner, todo: Sequence[Case], devices: Sequence[str], workers: Sequence[BaseProcess], results: MPQueue,
+             cancel: CancelCallback | None) -> None:
+    """Handle worker messages until every case has a result; cases of workers that died are failed."""
+    waiting = {c.case_id for c in todo}
+    current: dict[int, str] = {}
+    fatal: dict[int, str] = {}
+    while waiting:
+        if cancel is not None and cancel():
+            raise CancelledError("Batch cancelled.")
+        try:
+            message = results.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            if _reap(runner, workers, devices, current, fatal, waiting, results):
+                continue
+            if all(not w.is_alive() for w in workers):
+                reason = "; ".join(fatal.values()) or "every worker process stopped"
+                for case_id in sorted(waiting, key=runner.order.get):
+                    runner.finish(CaseResult(case_id, FAILED, error=f"not segmented: {reason}"))
+                if len(fatal) == len(workers):
+                    raise BatchError(f"No worker could load the model: {reason}") from None
+                return
+            continue
+        _handle(message, runner, current, fatal, waiting)
+
+
+def _handle(message: tuple, runner: _Runner, current: dict[int, str], fatal: dict[int, str],
+            waiting: set[str]) -> None:
+    kind, index = message[0], message[1]
+    if kind == "start":
+        current[index] = message[2]
+    elif kind == "progress":
+        runner.case_progress(message[2])(message[3], message[4])
+    elif kind == "done":
+        current.pop(index, None)
+        waiting.discard(message[2].case_id)
+        runner.finish(message[2])
+    elif kind == "fatal":
+        fatal[index] = message[2]
+        log.error("Worker %s", message[2])
+    elif kind == "output":
+        raise OutputError(message[2])
+
+
+def _reap(runner: _Runner, workers: Sequence[BaseProcess], devices: Sequence[str], current: dict[int, str],
+          fatal: dict[int, str], waiting: set[str], results: MPQueue) -> bool:
+    """Fail the case a dead worker was segmenting (after reading its last messages). True if any was failed."""
+    failed_any = False
+    for index, worker in enumerate(workers):
+        if worker.is_alive() or index not in current:
+            continue
+        while True:  # the worker's final messages may still be in the pipe
+            try:
+                _handle(results.get_nowait(), runner, current, fatal, waiting)
+            except queue.Empty:
+                break
+        case_id = current.pop(index, None)
+        if case_id is None or case_id not in waiting:
+            continue
+        waiting.discard(case_id)
+        runner.finish(CaseResult(case_id, FAILED, device=devices[index], error=(
+            f"the worker on {devices[index]} stopped (exit code {worker.exitcode}) while segmenting this case; "
+            "it may have run out of memory")))
+        failed_any = True
+    return failed_any
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_batch_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``batch INPUT_DIR OUTPUT_DIR --model ...`` to a ``segmamba-slicer`` sub-command parser."""
+    p = subparsers.add_parser(
+        "batch", help="segment every case in a folder (resumable, one worker per device)",
+        description="Segment every case of INPUT_DIR into OUTPUT_DIR/<case>.nii.gz and write "
+        "OUTPUT_DIR/summary.csv. Finished cases are skipped unless --overwrite; a failing case is recorded "
+        "and the batch goes on (exit code 1 if any failed).",
+    )
+    p.add_argument("input_dir", type=Path, help="folder of cases (BraTS 2023: <case>/<case>-t2w.nii.gz ...)")
+    p.add_argument("output_dir", type=Path, help="folder for <case>.nii.gz, previews and summary.csv")
+    p.add_argument("--model", "-m", required=True, help="model card id, card .json, or checkpoint .pt")
+    p.add_argument("--weights", "-w", help="weights file (overrides the card's)")
+    p.add_argument("--pattern", help="file layout, e.g. 'imagesTs/{case}_{index}.nii.gz' or "
+                   "'{case}/{case}_{channel}.nii.gz' (default: BraTS 2023 case folders)")
+    p.add_argument("--overwrite", action="store_true", help="segment cases whose output already exists")
+    p.add_argument("--preview", action="store_true", help="also write <case>.png (three slices with labels)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--devices", help="comma-separated devices, one worker process each, e.g. cuda:0,cuda:1")
+    p.add_argument("--summary", type=Path, help="summary CSV (default OUTPUT_DIR/summary.csv)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (card default)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call (card default)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
+    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA instead of fp16 autocast")
+    p.add_argument("--scan-backend", choices=["auto", "torch", "fused", "reference"], help="selective-scan backend")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_batch_command)
+    return p
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """Run ``batch``: one line per case, failures listed at the end; exit 1 if any case failed."""
+    import sys
+
+    check_batch_outputs(args.output_dir, args.summary)  # within a second, before PyTorch is imported
+    from ..engine.pipeline import SegmentOptions
+
+    options = SegmentOptions(
+        device=args.device, weights=args.weights, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend,
+    )
+    progress = None
+    if not args.quiet:
+        from ..cli import ProgressBar
+
+        progress = ProgressBar()
+
+    def print_case(result: CaseResult) -> None:
+        if result.status == FAILED:  # already logged with its error, and listed again at the end
+            return
+        where = f" on {result.device}" if result.device else ""
+        line = f"{result.case_id}: {result.status}" + (f" in {result.seconds:.1f} s{where}" if result.seconds else "")
+        stream = sys.stderr if progress else sys.stdout
+        print(line + (f" - {result.error}" if result.error else ""), file=stream)
+        for warning in result.warnings:
+            print(f"  warning: {warning}", file=stream)
+
+    result = segment_folder(
+        args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
+        preview=args.preview, devices=args.devices.split(",") if args.devices else None, summary_csv=args.summary,
+        progress=progress, on_case=print_case,
+    )
+    counts = {s: sum(c.status == s for c in result.cases) for s in (DONE, SKIPPED, FAILED)}
+    print(f"{len(result.cases)} cases: {counts[DONE]} segmented, {counts[SKIPPED]} skipped (already done), "
+          f"{counts[FAILED]} failed\nsummary: {result.summary_csv}")
+    for case in result.failed:
+        print(f"FAILED {case.case_id}: {case.error}")
+    return 0 if result.ok else 1
