@@ -565,7 +565,7 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
     def loadSampleCase(self):
         """Load the synthetic BraTS-size case (written to the cache folder once); returns its volume nodes."""
-        from SegMambaSlicerLib.models.cache import sample_case
+        from SegMambaSlicerLib.evaluation.phantom import sample_case
 
         paths = sample_case()
         return [slicer.util.loadVolume(str(paths[key]), {"name": f"Sample {key}"}) for key in ("t2w", "t2f", "t1n", "t1c")]

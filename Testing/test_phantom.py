@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
-from SegMambaSlicerLib.evaluation.phantom import MODALITIES, PhantomCase, make_phantom, write_brats_case
+from SegMambaSlicerLib.evaluation import phantom
+from SegMambaSlicerLib.evaluation.phantom import (
+    MODALITIES,
+    PhantomCase,
+    make_phantom,
+    sample_case,
+    write_brats_case,
+)
 
 SMALL = (48, 48, 32)  # (x, y, z)
 
@@ -160,3 +167,21 @@ def test_full_brats_case_is_fast_and_complete() -> None:
     assert set(np.unique(seg)) == {0, 1, 2, 3}
     assert np.bincount(seg.ravel())[1:].sum() > 10_000  # a tumour of clinically plausible volume (> 10 ml)
     assert elapsed < 15.0
+
+
+# ---------------------------------------------------------------- sample data
+
+
+def test_sample_case_is_generated_once_then_reused(home, monkeypatch) -> None:
+    paths = sample_case(shape=(24, 24, 16))
+    assert set(paths) == {"t2w", "t2f", "t1n", "t1c", "seg"}
+    assert all(p.is_file() and p.is_relative_to(home / "samples" / "24x24x16") for p in paths.values())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached case must be reused")
+
+    monkeypatch.setattr(phantom, "make_phantom", refuse)
+    assert sample_case(shape=(24, 24, 16)) == paths
+    paths["t1c"].unlink()  # an incomplete case is regenerated
+    with pytest.raises(AssertionError, match="reused"):
+        sample_case(shape=(24, 24, 16))

@@ -10,13 +10,11 @@ import pytest
 import torch
 from SegMambaSlicerLib.engine.pipeline import load_network
 from SegMambaSlicerLib.errors import CheckpointError, ModelCardError
-from SegMambaSlicerLib.evaluation import phantom
 from SegMambaSlicerLib.models.cache import (
     ENV_VAR,
     cache_dir,
     default_cache_dir,
     downloaded_weights_path,
-    sample_case,
 )
 from SegMambaSlicerLib.models.registry import (
     MANUAL,
@@ -212,19 +210,3 @@ def test_import_like_a_card_with_other_outputs_is_refused(home, tiny_checkpoint)
     assert set(user_cards()) == {"two-labels"}
 
 
-# ---------------------------------------------------------------- sample data
-
-
-def test_sample_case_is_generated_once_then_reused(home, monkeypatch) -> None:
-    paths = sample_case(shape=(24, 24, 16))
-    assert set(paths) == {"t2w", "t2f", "t1n", "t1c", "seg"}
-    assert all(p.is_file() and p.is_relative_to(home / "samples" / "24x24x16") for p in paths.values())
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the cached case must be reused")
-
-    monkeypatch.setattr(phantom, "make_phantom", refuse)
-    assert sample_case(shape=(24, 24, 16)) == paths
-    paths["t1c"].unlink()  # an incomplete case is regenerated
-    with pytest.raises(AssertionError, match="reused"):
-        sample_case(shape=(24, 24, 16))

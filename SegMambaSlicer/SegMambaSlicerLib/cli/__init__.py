@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import SegMambaError
 from ..evaluation.metrics import add_evaluate_parser
-from ..models.cache import BRATS_SHAPE, ENV_VAR
+from ..evaluation.phantom import BRATS_SHAPE
+from ..models.cache import ENV_VAR
 from ..run.batch import add_batch_parser
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ on one core.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,15 @@ from scipy import ndimage
 
 from ..errors import SegMambaError
 from ..io.images import write_image_atomic
+from ..models.cache import cache_dir
 
 
 class PhantomError(SegMambaError, ValueError):
     """The requested phantom cannot be made (grid too small, bad spacing, bad case name)."""
 
 
+#: BraTS 2023 grid (x, y, z): the default size of phantoms and of the sample case.
+BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 #: BraTS 2023 channel order used by SegMamba / SegMamba-V2 (MODELS.md §2.8).
 MODALITIES: tuple[str, ...] = ("t2w", "t2f", "t1n", "t1c")
 #: BraTS raw labels.
@@ -126,7 +130,7 @@ class _Tumour:
 
 
 def make_phantom(
-    shape: Sequence[int] = (240, 240, 155), seed: int = 0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    shape: Sequence[int] = BRATS_SHAPE, seed: int = 0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> PhantomCase:
     """Generate a BraTS-like case.
 
@@ -440,3 +444,21 @@ def _to_image(array: _Array, grid: _Grid) -> sitk.Image:
     image.SetOrigin((0.0, -(grid.shape[1] - 1) * grid.spacing[1], 0.0))
     image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     return image
+
+
+def sample_case(
+    cache: str | os.PathLike[str] | None = None, seed: int = 0, shape: Sequence[int] = BRATS_SHAPE
+) -> dict[str, Path]:
+    """A synthetic BraTS-like case in the cache, generated on first use and reused afterwards.
+
+    Returns the paths of ``t2w``, ``t2f``, ``t1n``, ``t1c`` and ``seg`` (the phantom's own labels).
+    A case is reused only when all five files exist; each file is written atomically, so an
+    interrupted generation is simply redone. Qt-free, so the Slicer Sample Data module can call it.
+    """
+    size = tuple(int(s) for s in shape)
+    root = cache_dir(cache) / "samples" / "x".join(map(str, size))
+    case_id = f"Phantom-{seed:05d}"
+    expected = {key: root / case_id / f"{case_id}-{key}.nii.gz" for key in (*MODALITIES, "seg")}
+    if all(path.is_file() for path in expected.values()):
+        return expected
+    return write_brats_case(make_phantom(shape=size, seed=seed), root, case_id)

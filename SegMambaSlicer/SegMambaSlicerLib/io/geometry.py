@@ -18,8 +18,20 @@ import SimpleITK as sitk
 
 from ..errors import InputImageError
 
-# World axis (LPS: 0 = x toward Left, 1 = y toward Posterior, 2 = z toward Superior) and sign per letter.
-_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+#: World axis (LPS: 0 = x toward Left, 1 = y toward Posterior, 2 = z toward Superior) and sign per letter.
+_ORIENTATION_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def orientation_axes(code: str) -> tuple[tuple[int, int], ...]:
+    """(world axis, sign) of each index axis of an orientation code such as LPS (DICOM letters).
+
+    Raises ``ValueError`` unless the code has three letters naming each world axis once.
+    """
+    letters = code.upper()
+    if (len(letters) != 3 or any(c not in _ORIENTATION_LETTERS for c in letters)
+            or len({_ORIENTATION_LETTERS[c][0] for c in letters}) != 3):
+        raise ValueError(f"Invalid orientation code {code!r}; use three letters like LPS or RAS.")
+    return tuple(_ORIENTATION_LETTERS[c] for c in letters)
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,7 @@ def reorder_to(direction: np.ndarray, orientation: str = "LPS") -> AxisReorder:
     order is chosen by maximising the summed |cosines| over all 6 permutations, so ties and
     45° cases are resolved deterministically.
     """
-    code = orientation.upper()
-    if len(code) != 3 or any(c not in _LETTERS for c in code) or len({_LETTERS[c][0] for c in code}) != 3:
-        raise ValueError(f"Invalid orientation code {orientation!r}; use three letters like LPS or RAS.")
-    targets = [_LETTERS[c] for c in code]
+    targets = orientation_axes(orientation)
     best = max(
         itertools.permutations(range(3)),
         key=lambda perm: sum(abs(direction[w, perm[t]]) for t, (w, _) in enumerate(targets)),

@@ -8,7 +8,7 @@ environment variable, then the platform's usual per-user cache folder. Layout::
     <cache>/models/<id>/card.json      user model cards, next to their weights
     <cache>/weights/<sha256>.pt        weights downloaded for cards that name a URL and checksum
     <cache>/verified-weights.json      SHA-256 of weights files already hashed, by path, size and mtime
-    <cache>/samples/<X>x<Y>x<Z>/...    generated sample cases
+    <cache>/samples/<X>x<Y>x<Z>/...    generated sample cases (evaluation.phantom.sample_case)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,6 @@ from .downloads import is_sha256, sha256_file
 
 ENV_VAR = "SEGMAMBA_SLICER_HOME"
 APP_FOLDER = "segmamba-slicer"
-#: BraTS 2023 grid (x, y, z) of the sample case.
-BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 VERIFIED_FILE = "verified-weights.json"
 
 
@@ -127,23 +125,3 @@ def _read_hashes(cache: str | os.PathLike[str] | None) -> dict[str, dict[str, An
         name: entry for name, entry in data.items()
         if isinstance(entry, dict) and set(entry) == {"size", "mtime_ns", "sha256"} and is_sha256(entry["sha256"])
     }
-
-
-def sample_case(
-    cache: str | os.PathLike[str] | None = None, seed: int = 0, shape: Sequence[int] = BRATS_SHAPE
-) -> dict[str, Path]:
-    """A synthetic BraTS-like case in the cache, generated on first use and reused afterwards.
-
-    Returns the paths of ``t2w``, ``t2f``, ``t1n``, ``t1c`` and ``seg`` (the phantom's own labels).
-    A case is reused only when all five files exist; each file is written atomically, so an
-    interrupted generation is simply redone. Qt-free, so the Slicer Sample Data module can call it.
-    """
-    from ..evaluation.phantom import MODALITIES, make_phantom, write_brats_case
-
-    size = tuple(int(s) for s in shape)
-    root = cache_dir(cache) / "samples" / "x".join(map(str, size))
-    case_id = f"Phantom-{seed:05d}"
-    expected = {key: root / case_id / f"{case_id}-{key}.nii.gz" for key in (*MODALITIES, "seg")}
-    if all(path.is_file() for path in expected.values()):
-        return expected
-    return write_brats_case(make_phantom(shape=size, seed=seed), root, case_id)

@@ -284,14 +284,12 @@ def _region(region: _Section) -> RegionSpec:
 
 
 def _orientation(card: _Section) -> str:
-    """The card's orientation code, checked by the parser that reorients the images (geometry.reorder_to)."""
-    import numpy as np
-
-    from ..io.geometry import reorder_to
+    """The card's orientation code, checked by the parser that reorientation uses."""
+    from ..io.geometry import orientation_axes
 
     code = card.text("orientation", "LPS")
     try:
-        reorder_to(np.eye(3), code)
+        orientation_axes(code)
     except ValueError:
         raise card.fail("orientation", f"must be three letters, one per axis from L/R, P/A and S/I (e.g. LPS or "
                                        f"RAS), got {_shown(code)}") from None
