@@ -1,10 +1,11 @@
 """3D Slicer module: SegMamba, SegMamba-V2 and MambaClinix segmentation.
 
-Thin by design: the widget gathers choices and shows results; all work and every decision that can
-be made without Qt live in the SegMambaSlicerLib package (tested headless with pytest): the
-segmentation logic and review helpers (logic.py), the background worker process (worker.py) and
-the first-run dependency decisions (install.py). Nothing here imports torch at module load, so
-the module opens even before PyTorch is installed and can offer to install it.
+Thin by design: the widget wires the .ui to the parameter node and copies results into widgets. Work
+and every decision that can be made without Qt live in SegMambaSlicerLib.slicer (tested headless with
+pytest): segmentation and review (logic.py), panel texts and lists (panels.py), and the first-run
+install (install.py decides, install_flow.py asks and installs through the Slicer calls built in
+:func:`slicerInstallActions`). Nothing here imports torch at module load, so the module opens before
+PyTorch is installed and can offer to install it.
 
 The per-channel input selectors are created in code inside ``inputVolumesWidget``, because their
 number and labels come from the selected model card.
@@ -35,11 +36,9 @@ from slicer.util import VTKObservationMixin
 sys.path.insert(0, os.path.dirname(__file__))
 
 from SegMambaSlicerLib.errors import SegMambaError  # noqa: E402
-from SegMambaSlicerLib.models.cards import builtin_cards, match_channels  # noqa: E402
-from SegMambaSlicerLib.slicer import install  # noqa: E402
-
-REQUESTER = "SegMamba"
-DEMO_MODEL_ID = "segmamba-demo"
+from SegMambaSlicerLib.models.cards import DEMO_MODEL_ID, match_channels  # noqa: E402
+from SegMambaSlicerLib.slicer import install, panels  # noqa: E402
+from SegMambaSlicerLib.slicer.install_flow import REQUESTER, InstallActions, InstallFlow  # noqa: E402
 
 
 class SegMambaSlicer(ScriptedLoadableModule):
@@ -74,6 +73,28 @@ def registerSampleData():
     )
 
 
+def slicerInstallActions(log, showError):
+    """The real Slicer calls behind InstallFlow, each with the arguments of the released Slicer API."""
+
+    def installTorch(specifier):
+        import PyTorchUtils
+
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=specifier)
+
+    def pipEnsure(requirements, constraints, skipPackages, requester):
+        import slicer.packaging  # Slicer >= 5.12 only; the flow uses it only there
+
+        return slicer.packaging.pip_ensure(requirements, constraints=constraints, skip_packages=skipPackages,
+                                           prompt_install=False, requester=requester)
+
+    return InstallActions(
+        slicer_version=lambda: (slicer.app.majorVersion, slicer.app.minorVersion),
+        has_pytorch_extension=lambda: hasattr(slicer.modules, "pytorchutils"),
+        confirm=slicer.util.confirmOkCancelDisplay, ask_yes_no=slicer.util.confirmYesNoDisplay,
+        busy=slicer.util.WaitCursor, install_torch=installTorch, pip_install=slicer.util.pip_install,
+        pip_ensure=pipEnsure, restart=slicer.util.restart, log=log, show_error=showError)
+
+
 @parameterNodeWrapper
 class SegMambaSlicerParameterNode:
     """Choices kept in the scene; per-channel inputs are not kept (they are re-matched by name)."""
@@ -103,7 +124,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._result = None
         self._resultNode = None
-        self._systemInfo = None
+        self._install = None
+        self._cudaUsable = False
 
     # ------------------------------------------------------------------ setup and scene
 
@@ -114,6 +136,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegMambaSlicerLogic()
+        self._install = InstallFlow(slicerInstallActions(self._log, self._showError),
+                                    on_installed=self._refreshEnvironment)
         self.ui.inputVolumesWidget.setLayout(qt.QFormLayout())
         self.ui.volumesTable.setColumnCount(2)
         self.ui.volumesTable.setHorizontalHeaderLabels(["Segment", "Volume (mL)"])
@@ -126,7 +150,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self._onDeviceChanged)
         self.ui.loadCheckpointButton.connect("clicked(bool)", self._onLoadCheckpoint)
         self.ui.loadSampleButton.connect("clicked(bool)", self._onLoadSample)
-        self.ui.installDependenciesButton.connect("clicked(bool)", self._ensureDependencies)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self._install.ensure)
         self.ui.installKernelsButton.connect("clicked(bool)", self._onInstallKernels)
         self.ui.segmentButton.connect("clicked(bool)", self._onSegmentButton)
         self.ui.showRegionsRadioButton.connect("toggled(bool)", self._onDisplayModeChanged)
@@ -185,133 +209,26 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ dependencies and environment
 
-    def _plan(self):
-        requirements = install.read_requirements()
-        names = [r.name for r in requirements] + [*install.PROTECTED, install.TORCH]
-        return install.plan_install(
-            requirements,
-            install.installed_versions(names),
-            (slicer.app.majorVersion, slicer.app.minorVersion),
-            pytorch_extension=hasattr(slicer.modules, "pytorchutils"),
-            imported={name.split(".")[0] for name in sys.modules},
-        )
-
     def _refreshEnvironment(self):
         """Show the install banner, or the models and devices once the packages are there."""
-        plan = self._plan()
+        plan = self._install.plan()
         self.ui.dependenciesFrame.setVisible(plan.needed)
         if plan.needed:
-            self.ui.dependenciesLabel.text = (
-                "SegMamba needs Python packages that are not installed yet: "
-                + ", ".join(filter(None, [plan.torch, *plan.packages])) + ".")
+            self.ui.dependenciesLabel.text = install.describe_missing(plan)
         self._populateModels(ready=not plan.needed)
         self._populateDevices(ready=not plan.needed)
 
-    def _ensureDependencies(self):
-        """Ask once, then install torch and the other requirements; True when everything is in place."""
-        plan = self._plan()
-        if not plan.needed:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(install.describe_plan(plan), f"{REQUESTER}: install packages"):
-            self._log("Package installation declined; segmentation needs these packages.")
-            return False
-        self._log(install.describe_plan(plan))
-        try:
-            with slicer.util.WaitCursor():
-                if plan.torch is not None:
-                    self._installTorch(plan)
-                    plan = self._plan()  # pins the torch just installed
-                if plan.packages:
-                    self._installPackages(plan)
-        except Exception as exc:  # noqa: BLE001 - pip and PyTorchUtils raise many kinds; all are shown
-            self._showError("Installing the Python packages failed. See the log for pip's output.", exc)
-            return False
-        self._log("Python packages installed.")
-        if plan.restart_needed and plan.installer == install.PIP_INSTALLER:
-            if slicer.util.confirmYesNoDisplay("Slicer must restart to use the updated packages. Restart now?"):
-                slicer.util.restart()
-        self._refreshEnvironment()
-        return not self._plan().needed
-
-    def _installTorch(self, plan):
-        self._log(f"Installing PyTorch ({plan.torch}) with the {plan.torch_installer}…")
-        if plan.torch_installer == install.PYTORCH_EXTENSION:
-            import PyTorchUtils
-
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=plan.torch_specifier)
-            if torch is None:
-                raise SegMambaError("The PyTorch extension could not install PyTorch; see the Python console.")
-        else:
-            slicer.util.pip_install(install.pip_install_arguments([plan.torch], None))
-
-    def _constraintsFile(self, plan):
-        handle, path = tempfile.mkstemp(prefix="segmamba-constraints-", suffix=".txt")
-        with os.fdopen(handle, "w") as stream:
-            stream.write("\n".join(plan.constraints) + "\n")
-        return path
-
-    def _installPackages(self, plan):
-        self._log("Installing " + ", ".join(plan.packages) + " (keeping " + ", ".join(plan.constraints) + ")…")
-        constraints = self._constraintsFile(plan)
-        try:
-            if plan.installer == install.PACKAGING_INSTALLER:
-                import slicer.packaging
-
-                skipped = slicer.packaging.pip_ensure(
-                    list(plan.packages), constraints=constraints, skip_packages=list(plan.skip_packages),
-                    prompt_install=False, requester=REQUESTER)
-                if skipped:
-                    self._log("Left to Slicer: " + ", ".join(skipped))
-            else:
-                slicer.util.pip_install(install.pip_install_arguments(plan.packages, constraints))
-        finally:
-            os.remove(constraints)
-
     def _onInstallKernels(self):
-        offer = self._kernelOffer()
-        if not offer or not slicer.util.confirmOkCancelDisplay(
-                "Install the optional fused CUDA kernels " + ", ".join(offer) + "? They compile against the installed "
-                "PyTorch and need the CUDA toolkit; this can take a long time. Segmentation works without them.",
-                f"{REQUESTER}: fast GPU kernels"):
-            return
-        plan = self._plan()
-        constraints = self._constraintsFile(plan)
-        try:
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(install.pip_install_arguments(
-                    offer, constraints, install.FUSED_KERNEL_PIP_OPTIONS))
-            if slicer.util.confirmYesNoDisplay("Restart Slicer now to use the fused kernels?"):
-                slicer.util.restart()
-        except Exception as exc:  # noqa: BLE001
-            self._showError("Installing the fused kernels failed; the pure PyTorch scan is used.", exc)
-        finally:
-            os.remove(constraints)
-
-    def _kernelOffer(self):
-        info = self._systemInfo
-        installed = install.installed_versions(install.FUSED_KERNELS)
-        return install.fused_kernel_offer(info is not None and info.cuda_usable, sys.platform, installed)
+        self._install.install_kernels(self._cudaUsable)
 
     def _populateDevices(self, ready):
-        self._systemInfo = None
+        panel = panels.device_panel(ready)
+        self._cudaUsable = panel.cuda_usable
         self.ui.deviceSelector.clear()
-        if not ready:
-            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet."
-            self.ui.installKernelsButton.setVisible(False)
-            return
-        from SegMambaSlicerLib.slicer.logic import describe_system, device_choices, system_info
-
-        try:
-            self._systemInfo = system_info()
-        except Exception as exc:  # noqa: BLE001 - a broken PyTorch install must not stop the module from loading
-            self.ui.deviceInfoLabel.text = f"PyTorch is installed but cannot be loaded: {exc}. Reinstall it."
-            self.ui.installKernelsButton.setVisible(False)
-            return
-        for value, label in device_choices(self._systemInfo):
+        for value, label in panel.choices:
             self.ui.deviceSelector.addItem(label, value)
-        self.ui.deviceInfoLabel.text = describe_system(self._systemInfo)
-        self.ui.installKernelsButton.setVisible(bool(self._kernelOffer()))
+        self.ui.deviceInfoLabel.text = panel.info
+        self.ui.installKernelsButton.setVisible(bool(self._install.kernel_offer(panel.cuda_usable)))
         if self._parameterNode:
             self._selectData(self.ui.deviceSelector, self._parameterNode.device)
 
@@ -319,14 +236,9 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _populateModels(self, ready):
         """All registered models once the packages are in place; the built-in cards before that."""
-        self._cards = builtin_cards()
-        if ready:
-            try:
-                from SegMambaSlicerLib.models.registry import all_cards
-
-                self._cards = all_cards()
-            except Exception as exc:  # noqa: BLE001 - e.g. a broken PyTorch; the built-in models still show
-                self._log(f"Imported models cannot be listed: {exc}")
+        self._cards, warning = panels.model_cards(ready)
+        if warning:
+            self._log(warning)
         wasBlocked = self.ui.modelSelector.blockSignals(True)
         self.ui.modelSelector.clear()
         for card in self._cards.values():
@@ -347,10 +259,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelId = card.id
             self._parameterNode.overlap = card.inference.overlap
             self._parameterNode.swBatchSize = card.inference.sw_batch_size
-        weights = card.weights_path()
-        state = "weights ready" if weights is not None and weights.is_file() else (
-            card.weights.instructions or "no weights yet: use Load checkpoint…")
-        self.ui.modelInfoLabel.text = f"{card.description}\n{card.intended_use}\n{state}".strip()
+        self.ui.modelInfoLabel.text = panels.model_info_text(card)
         self._buildInputSelectors(card)
         self._autoFillInputs(onlyEmpty=False)
 
@@ -393,7 +302,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onLoadCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(), "Load checkpoint", "", "PyTorch checkpoints (*.pt *.pth)")
-        if not path or not self._ensureDependencies():
+        if not path or not self._install.ensure():
             return
         from SegMambaSlicerLib.models.registry import import_weights
 
@@ -414,25 +323,18 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ running
 
-    def _options(self, card):
-        from SegMambaSlicerLib.engine.pipeline import SegmentOptions
-
-        p = self._parameterNode
-        return SegmentOptions(
-            device=p.device or "auto", overlap=p.overlap, sw_batch_size=p.swBatchSize, tta=p.tta,
-            mixed_precision=p.mixedPrecision, scan_backend=None if p.fusedKernels else "torch")
-
     def _onSegmentButton(self):
         if self._run is not None:
             self._run.cancel()
             self._endRun("Cancelled.")
             return
-        if not self._ensureDependencies():
+        if not self._install.ensure():
             return
         card = self._card()
         nodes = [selector.currentNode() for selector in self._inputSelectors]
         try:
-            self._run = self.logic.start(nodes, card, self._options(card), self._parameterNode.outputSegmentation)
+            options = panels.segment_options(self._parameterNode)
+            self._run = self.logic.start(nodes, card, options, self._parameterNode.outputSegmentation)
         except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback when unexpected
             self._showError("Cannot start the segmentation.", exc)
             return
@@ -466,11 +368,9 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._endRun("Failed.")
             self._showError("Segmentation failed.", exc)
             return
-        windows = f"{result.windows} window{'s' if result.windows != 1 else ''}"
         for warning in result.warnings:
             self._log(f"Warning: {warning}")
-        caveat = f" {len(result.warnings)} warning(s) about the inputs: see the log." if result.warnings else ""
-        self._endRun(f"Done in {result.seconds:.0f} s on {result.device} ({windows}).{caveat}")
+        self._endRun(panels.finished_status(result))
         self._parameterNode.outputSegmentation = node
         self._showResult(node, result, run.input_nodes[0])
 
@@ -603,32 +503,17 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
 
     def test_logic_writes_named_segments_and_volumes(self):
         """A fixed-weight network whose answer is known: label 3 exactly where channel 0 is brightest."""
-        import dataclasses
+        from SegMambaSlicerLib.slicer.self_test_cases import FIXED_WEIGHT_VOLUMES_ML, fixed_weight_case
 
-        import numpy as np
-        import torch
-
-        card = builtin_cards()["segmamba-brats2023"]
-        card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, roi_size=(16, 16, 16)))
-        volumes = []
-        for index, channel in enumerate(card.channels):
-            array = np.zeros((20, 24, 22), dtype=np.float32)
-            array[4:16, 5:20, 3:18] = 10.0 + index
-            array[8:12, 9:14, 7:12] = 50.0
-            volumes.append(slicer.util.addVolumeFromArray(array, name=channel.key))
-        network = torch.nn.Conv3d(4, 4, 1)
-        with torch.no_grad():
-            network.weight.zero_()
-            network.bias.copy_(torch.tensor([0.0, -1.0, -2.0, -3.0]))
-            network.weight[3, 0] = 10.0  # label 3 where channel 0 is above its mean
-        node, result = SegMambaSlicerLogic().impl.segment_nodes(volumes, card, network=network.eval())
+        card, arrays, network = fixed_weight_case()
+        volumes = [slicer.util.addVolumeFromArray(array, name=channel.key)
+                   for array, channel in zip(arrays, card.channels)]
+        node, result = SegMambaSlicerLogic().impl.segment_nodes(volumes, card, network=network)
         segmentation = node.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
         self.assertEqual(names, [label.name for label in card.labels] + [r.display_name for r in card.regions])
-        expected_ml = {"Necrotic tumor core": 0.0, "Peritumoral edema": 0.0, "Enhancing tumor": 0.1,
-                       "TC": 0.1, "WT": 0.1, "ET": 0.1}  # 4 x 5 x 5 voxels of 1 mm^3
-        self.assertEqual(result.volumes.keys(), expected_ml.keys())
-        for key, value in expected_ml.items():
+        self.assertEqual(result.volumes.keys(), FIXED_WEIGHT_VOLUMES_ML.keys())
+        for key, value in FIXED_WEIGHT_VOLUMES_ML.items():
             self.assertAlmostEqual(result.volumes[key], value, places=9)
         self._assertSegmentsMatchVolumes(node, result, volumes[0])
         self.delayDisplay("SegMamba in-process segmentation passed")
@@ -643,9 +528,10 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
         import torch
         from SegMambaSlicerLib.engine.pipeline import SegmentOptions
         from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+        from SegMambaSlicerLib.slicer.self_test_cases import worker_case
 
         with tempfile.TemporaryDirectory() as folder:
-            card, images = self._workerCase(folder)
+            card, images = worker_case(folder, DEMO_MODEL_ID)
             volumes = [volume_node_from_image(image, slicer.mrmlScene, channel.key)
                        for image, channel in zip(images, card.channels)]
             options = SegmentOptions(device="cpu", mixed_precision=False)
@@ -665,35 +551,6 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
             np.testing.assert_array_equal(got, want)
         self._assertSegmentsMatchVolumes(node, result, volumes[0])
         self.delayDisplay(f"SegMamba background worker passed ({card.id}, {result.seconds:.1f} s)")
-
-    def _workerCase(self, folder):
-        """(card, images): the demo model and a phantom when available, else a tiny seeded SegMamba."""
-        import json
-
-        import numpy as np
-        import SimpleITK as sitk
-        import torch
-        from SegMambaSlicerLib.evaluation.phantom import make_phantom
-        from SegMambaSlicerLib.models.cards import load_card
-        from SegMambaSlicerLib.networks import build_network
-
-        demo = builtin_cards().get(DEMO_MODEL_ID)
-        if demo is not None and demo.weights_path() is not None and demo.weights_path().is_file():
-            case = make_phantom(shape=(64, 64, 48), seed=11)
-            return demo, [case.images[channel.key] for channel in demo.channels]
-        kwargs = {"in_chans": 1, "out_chans": 2, "depths": [1, 1, 1, 1], "feat_size": [48, 16, 16, 16],
-                  "hidden_size": 32}
-        torch.manual_seed(3)
-        torch.save(build_network("segmamba_v1", **kwargs).state_dict(), os.path.join(folder, "tiny.pt"))
-        with open(os.path.join(folder, "tiny.json"), "w") as stream:
-            json.dump({"id": "tiny-segmamba", "architecture": {"name": "segmamba_v1", "kwargs": kwargs},
-                       "channels": [{"key": "t1"}], "labels": [{"value": 1, "name": "Lesion", "color": [1, 0, 0]}],
-                       "regions": [{"name": "ALL", "labels": [1], "color": [0, 0, 1]}],
-                       "inference": {"roi_size": [32, 32, 32], "sw_batch_size": 1},
-                       "weights": {"kind": "file", "file": "tiny.pt"}}, stream)
-        image = sitk.GetImageFromArray((np.random.default_rng(0).random((20, 28, 30)) * 100 + 1).astype(np.float32))
-        image.SetSpacing((0.9, 1.1, 1.7))
-        return load_card(os.path.join(folder, "tiny.json")), [image]
 
     def _assertSegmentsMatchVolumes(self, node, result, referenceVolume):
         """Every segment's voxel count times the voxel volume equals the volumes table."""

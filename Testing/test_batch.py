@@ -6,7 +6,6 @@ clinically, but they depend on every input channel, so a mixed-up channel order 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import queue
@@ -19,12 +18,14 @@ import pytest
 import SimpleITK as sitk
 from allocator_fakes import KEEP, RESTORE
 from interrupted_runs import signal_while_writing
+from SegMambaSlicerLib.cli import build_parser
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
 from SegMambaSlicerLib.errors import CancelledError, DeviceError
 from SegMambaSlicerLib.evaluation.phantom import MODALITIES, make_phantom, write_brats_case
 from SegMambaSlicerLib.models.cards import load_card
 from SegMambaSlicerLib.run import batch
-from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, BatchError, discover_cases, segment_folder
+from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, segment_folder
+from SegMambaSlicerLib.run.cases import BatchError, Case, discover_cases
 from toy_models import PointwiseNet, write_tiny_brats_card
 
 CPU = SegmentOptions(device="cpu")
@@ -58,12 +59,6 @@ def first_run(cohort: Path, tiny_card_path: Path, tmp_path_factory: pytest.TempP
                             progress=lambda f, m: progress.append((f, m)),
                             on_case=lambda r: finished.append(r.case_id))
     return result, out, progress, finished
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    batch.add_batch_parser(parser.add_subparsers(dest="command"))
-    return parser
 
 
 def _array(path: Path) -> np.ndarray:
@@ -145,8 +140,8 @@ def test_rerun_skips_finished_cases_and_exits_non_zero_for_the_failed_one(first_
     out = tmp_path / "out"
     shutil.copytree(first_out, out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".gz", ".png")}
-    args = _parser().parse_args(["batch", str(cohort), str(out), "-m", str(tiny_card_path), "--device", "cpu",
-                                 "--preview", "--quiet"])
+    args = build_parser().parse_args(["batch", str(cohort), str(out), "-m", str(tiny_card_path), "--device", "cpu",
+                                      "--preview", "--quiet"])
     assert args.func(args) == 1
     text = capsys.readouterr().out
     assert "3 cases: 0 segmented, 2 skipped (already done), 1 failed" in text
@@ -354,7 +349,7 @@ class _DeadWorker:
 def test_cases_of_a_dead_worker_fail_and_the_batch_ends(tiny_card_path, tmp_path) -> None:
     """The worker died after starting Case-A: Case-A fails with its exit code, the never-started case too."""
     card = load_card(tiny_card_path)
-    cases = [batch.Case("Case-A"), batch.Case("Case-B")]
+    cases = [Case("Case-A"), Case("Case-B")]
     runner = batch._Runner(cases, batch._Job(card, CPU, tmp_path, False), tmp_path / "summary.csv", None, None)
     messages: queue.Queue = queue.Queue()
     messages.put(("start", 0, "Case-A"))

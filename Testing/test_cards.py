@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 from SegMambaSlicerLib.errors import ModelCardError
-from SegMambaSlicerLib.models.cards import builtin_cards, card_from_dict, find_card, load_card, match_channels
+from SegMambaSlicerLib.models.cards import (
+    BlendMode,
+    OutputKind,
+    PreprocessingScheme,
+    WeightsKind,
+    builtin_cards,
+    card_from_dict,
+    card_to_dict,
+    find_card,
+    load_card,
+    match_channels,
+)
+from toy_models import toy_card
 
 
 def test_official_segmamba_card_states_the_brats_pipeline() -> None:
@@ -73,3 +87,43 @@ def test_card_file_weights_resolve_next_to_the_card(tmp_path: Path) -> None:
 def test_unknown_card_lists_known_ones() -> None:
     with pytest.raises(ModelCardError, match="segmamba-brats2023"):
         find_card("no-such-model")
+
+
+def test_closed_card_options_are_enums_that_read_as_their_json_text() -> None:
+    """The pipeline compares these options with plain strings and writes them into JSON and messages."""
+    card = card_from_dict(_minimal() | {
+        "preprocessing": {"scheme": "nnunet"},
+        "inference": {"output": "sigmoid_regions", "blend_mode": "constant"},
+        "weights": {"kind": "url"},
+    })
+    assert card.preprocessing.scheme is PreprocessingScheme.NNUNET and card.preprocessing.scheme == "nnunet"
+    assert card.inference.output is OutputKind.SIGMOID_REGIONS
+    assert card.inference.blend_mode is BlendMode.CONSTANT
+    assert card.weights.kind is WeightsKind.URL and {"url": "found"}[card.weights.kind] == "found"
+    assert f"{card.weights.kind} {card.inference.output}" == "url sigmoid_regions"
+    assert json.loads(json.dumps(dataclasses.asdict(card.inference)))["output"] == "sigmoid_regions"
+    defaults = card_from_dict(_minimal())
+    chosen = (defaults.preprocessing.scheme, defaults.inference.blend_mode, defaults.inference.output,
+              defaults.weights.kind)
+    assert chosen == ("crop_nonzero_zscore", "gaussian", "softmax_labels", "manual")
+    again = card_from_dict(_minimal() | {"weights": {"kind": WeightsKind.FILE}})  # as cards built in code
+    assert again.weights.kind is WeightsKind.FILE
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("inference", "output", "softmax_label"),  # must not silently mean softmax_labels
+    ("inference", "blend_mode", ["gaussian"]),
+    ("preprocessing", "scheme", None),
+    ("weights", "kind", "nnUNet"),
+])
+def test_an_option_outside_its_set_names_the_value_and_the_allowed_ones(section: str, key: str,
+                                                                        value: object) -> None:
+    expected = rf"{section}\.{key} must be one of '.*', got {re.escape(json.dumps(value))}"
+    with pytest.raises(ModelCardError, match=expected):
+        card_from_dict(_minimal() | {section: {key: value}})
+
+
+def test_card_to_dict_is_the_inverse_of_card_from_dict() -> None:
+    for card in [*builtin_cards().values(), toy_card(channels=3, labels=2)]:
+        data = json.loads(json.dumps(card_to_dict(card)))  # through JSON, as the job file does
+        assert card_from_dict(data, source_path=card.source_path) == card

@@ -1,4 +1,4 @@
-"""Command line: ``models list|show|import|download`` and ``demo``, exit codes and one-line errors."""
+"""Command line: ``models list|show|import|download``, ``demo``, the run options, exit codes and one-line errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import SimpleITK as sitk
 import torch
 from local_http import serve_folder
 from PIL import Image
-from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
+from SegMambaSlicerLib.cli import EXIT_USER_ERROR, build_parser, demo, main
+from SegMambaSlicerLib.cli.common import segment_options
 from SegMambaSlicerLib.engine.volumes import volumes_ml
+from SegMambaSlicerLib.evaluation.metrics import dice
 from SegMambaSlicerLib.io.seg_nrrd import read_seg_nrrd
 from SegMambaSlicerLib.models import downloads, registry
 from SegMambaSlicerLib.models.cache import downloaded_weights_path
@@ -76,6 +78,19 @@ def test_import_of_a_file_that_is_not_a_checkpoint_leaves_nothing(home, tmp_path
     assert main(["models", "import", str(bad)]) == EXIT_USER_ERROR
     assert "weights.pt is not a readable PyTorch checkpoint" in _one_line_error(capsys.readouterr().err)
     assert _files(home) == []
+
+
+# ---------------------------------------------------------------- run options of predict and batch
+
+
+def test_predict_and_batch_take_the_same_run_options() -> None:
+    run_options = ["--weights", "w.pt", "--device", "cpu", "--overlap", "0.25", "--sw-batch-size", "3", "--tta",
+                   "--no-amp", "--scan-backend", "torch", "--folds", "0", "all", "--quiet"]
+    parser = build_parser()
+    predict = parser.parse_args(["predict", "-m", "x", "-i", "a.nii.gz", "-o", "b.nii.gz", *run_options])
+    batch = parser.parse_args(["batch", "in", "out", "-m", "x", *run_options])
+    assert segment_options(predict) == segment_options(batch)
+    assert segment_options(batch).folds == ["0", "all"] and not segment_options(batch).mixed_precision
 
 
 # ---------------------------------------------------------------- models download
@@ -146,6 +161,19 @@ def test_demo_with_missing_weights_says_so(home, capsys) -> None:
     err = _one_line_error(capsys.readouterr().err)
     assert "the weights of remote are not installed" in err and "models download remote" in err
     assert not (home / "out").exists()  # nothing generated before the check
+
+
+def test_demo_dice_is_the_metrics_dice_and_says_when_a_label_is_absent_in_both() -> None:
+    card = load_card(models_dir() / f"{BRATS}.json")
+    reference = np.zeros((4, 5, 6), dtype=np.uint8)
+    predicted = reference.copy()
+    reference[0, :3] = 2
+    predicted[0, 1:4] = 2
+    reference[3, 0, 0] = predicted[3, 0, 1] = 1
+    scores = demo._dice_scores(sitk.GetImageFromArray(predicted), sitk.GetImageFromArray(reference), card)
+    assert scores["ED Peritumoral edema"] == dice(predicted == 2, reference == 2) == pytest.approx(2 / 3)
+    assert scores["NCR Necrotic tumor core"] == 0.0
+    assert scores["ET Enhancing tumor"] is None and scores["TC Tumor core (NCR + ET)"] == 0.0
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from SegMambaSlicerLib.slicer.install import (
     PIP_INSTALLER,
     PYTORCH_EXTENSION,
     RequirementsFileError,
+    describe_missing,
     describe_plan,
     fused_kernel_offer,
     has_slicer_packaging,
@@ -104,6 +105,15 @@ def test_plan_description_lists_what_happens_and_when_a_restart_is_needed() -> N
     assert "restarted" not in text
     upgraded = plan_install(CORE, FRESH_SLICER, (5, 12), pytorch_extension=False, imported={"scipy"})
     assert "with pip" in describe_plan(upgraded) and "must be restarted" in describe_plan(upgraded)
+
+
+def test_banner_names_the_missing_packages_torch_first() -> None:
+    plan = plan_install(CORE, FRESH_SLICER, (5, 12), pytorch_extension=True)
+    assert describe_missing(plan) == ("SegMamba needs Python packages that are not installed yet: torch>=2.1, "
+                                      "scipy>=1.10, monai>=1.3, dynamic-network-architectures<0.4,>=0.2.")
+    no_torch = plan_install(CORE, {**FRESH_SLICER, "torch": "2.5.1"}, (5, 12), pytorch_extension=True)
+    assert describe_missing(no_torch).endswith("not installed yet: scipy>=1.10, monai>=1.3, "
+                                               "dynamic-network-architectures<0.4,>=0.2.")
 
 
 def test_installed_versions_and_import_names_in_this_environment() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import warnings
@@ -14,6 +13,7 @@ import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy import ndimage
+from SegMambaSlicerLib.cli import build_parser
 from SegMambaSlicerLib.evaluation import metrics
 from SegMambaSlicerLib.evaluation.metrics import (
     BRATS_GROUPS,
@@ -159,12 +159,6 @@ def _write(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    metrics.add_evaluate_parser(parser.add_subparsers(dest="command"))
-    return parser
-
-
 @pytest.fixture
 def folders(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """BraTS-layout references (with image files beside them) and flat predictions for three cases."""
@@ -198,7 +192,7 @@ def test_evaluate_folders_scores_every_reference(folders) -> None:
 
 def test_evaluate_command_writes_csvs_and_a_summary(folders, capsys) -> None:
     pred_dir, ref_dir, arrays = folders
-    args = _parser().parse_args(["evaluate", str(pred_dir), str(ref_dir)])
+    args = build_parser().parse_args(["evaluate", str(pred_dir), str(ref_dir)])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:5] == ["KIND", "SEGMENT", "LABELS", "N", "DICE"]
@@ -222,8 +216,8 @@ def test_evaluate_command_writes_csvs_and_a_summary(folders, capsys) -> None:
     assert summary["region", "WT"]["cases"] == "3"
 
     (pred_dir / "C2.nii.gz").unlink()
-    args = _parser().parse_args(["evaluate", str(pred_dir), str(ref_dir), "--csv", str(pred_dir / "x.csv"),
-                                 "--one-empty-hd95", "nan"])
+    args = build_parser().parse_args(["evaluate", str(pred_dir), str(ref_dir), "--csv", str(pred_dir / "x.csv"),
+                                      "--one-empty-hd95", "nan"])
     assert args.func(args) == 1
     assert "not scored: C2: no prediction" in capsys.readouterr().out
     assert (pred_dir / "x_summary.csv").is_file()

@@ -26,7 +26,7 @@ from SegMambaSlicerLib.engine.inference import (
     predict_logits,
 )
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment, window_settings
-from SegMambaSlicerLib.engine.preprocessing import nnunet_export, preprocess_nnunet
+from SegMambaSlicerLib.engine.recipes.nnunet import nnunet_export, preprocess_nnunet
 from SegMambaSlicerLib.models.nnunet import FoldEnsemble, card_from_nnunet, settings_from_plans
 
 HERE = Path(__file__).resolve().parent / "fixtures_nnunet"

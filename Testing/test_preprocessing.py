@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from SegMambaSlicerLib.engine.preprocessing import (
-    NnunetChannel,
-    NnunetResampling,
-    NnunetSettings,
+from SegMambaSlicerLib.engine.crop import nonzero_box
+from SegMambaSlicerLib.engine.recipes.nnunet import (
     nnunet_export,
     nnunet_target_shape,
-    nonzero_box,
     normalize_nnunet,
-    preprocess,
     preprocess_nnunet,
     resample_to_shape,
     separate_z_axis,
-    zscore,
 )
+from SegMambaSlicerLib.engine.recipes.segmamba import preprocess, zscore
 from SegMambaSlicerLib.errors import InputImageError
 from SegMambaSlicerLib.models.cards import Preprocessing
+from SegMambaSlicerLib.models.nnunet import NnunetChannel, NnunetResampling, NnunetSettings
 
 
 def test_nonzero_box_is_union_over_channels_half_open() -> None:

@@ -23,8 +23,10 @@ from dicom_files import write_dicom_series
 from filesystems import fill_up, mounted_tmpfs
 from interrupted_runs import signal_while_writing
 from SegMambaSlicerLib.cli import EXIT_TERMINATED, EXIT_USER_ERROR, handle_sigterm, main
+from SegMambaSlicerLib.engine.crop import CropBox
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
-from SegMambaSlicerLib.engine.preprocessing import CropBox, preprocess, preprocess_nnunet
+from SegMambaSlicerLib.engine.recipes.nnunet import preprocess_nnunet
+from SegMambaSlicerLib.engine.recipes.segmamba import preprocess
 from SegMambaSlicerLib.errors import InputImageError
 from SegMambaSlicerLib.evaluation.phantom import MODALITIES, make_phantom, write_brats_case
 from SegMambaSlicerLib.io.atomic import OutputError, write_atomic
@@ -176,7 +178,7 @@ def test_nan_and_inf_are_left_out_of_the_crop_and_the_statistics() -> None:
 
 
 def test_nnunet_preprocessing_also_ignores_non_finite_voxels() -> None:
-    from SegMambaSlicerLib.engine.preprocessing import NnunetChannel, NnunetSettings
+    from SegMambaSlicerLib.models.nnunet import NnunetChannel, NnunetSettings
 
     rng = np.random.default_rng(1)
     data = np.zeros((1, 10, 12, 12), np.float32)

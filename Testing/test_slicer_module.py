@@ -7,6 +7,7 @@ Only what exists solely in the Slicer application gets stand-ins — ``qt``, the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -87,6 +88,56 @@ def test_module_self_test_background_worker_with_the_demo_model(mrml_scene, monk
     if demo is None or demo.weights_path() is None or not demo.weights_path().is_file():
         pytest.skip("the demo model (card and weights) is not installed")
     _run_worker_self_test(module)
+
+
+def test_install_actions_call_slicer_with_the_released_api_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each action the install flow takes reaches Slicer, slicer.packaging and PyTorchUtils with these arguments."""
+    module = _import_module_file(monkeypatch)
+    import slicer
+
+    calls = []
+
+    def recorder(name: str, result: object = None):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs)) or result
+
+    for name, result in [("confirmOkCancelDisplay", True), ("confirmYesNoDisplay", False), ("pip_install", None),
+                         ("restart", None), ("WaitCursor", contextlib.nullcontext())]:
+        monkeypatch.setattr(slicer.util, name, recorder(name, result))
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = recorder("pip_ensure", ["numpy>=1.24"])
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    pytorch_utils = types.ModuleType("PyTorchUtils")
+    pytorch_utils.PyTorchUtilsLogic = type("PyTorchUtilsLogic", (), {"installTorch": recorder("installTorch", "torch")})
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", pytorch_utils)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(majorVersion=5, minorVersion=12), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(pytorchutils=object()), raising=False)
+    logged, errors = [], []
+    actions = module.slicerInstallActions(logged.append, lambda message, exc: errors.append((message, exc)))
+
+    assert actions.slicer_version() == (5, 12) and actions.has_pytorch_extension()
+    assert actions.confirm("Install?", "SegMamba: install packages") is True
+    assert actions.ask_yes_no("Restart now?") is False
+    with actions.busy():
+        assert actions.install_torch(">=2.1") == "torch"
+        actions.pip_install(["-c", "/tmp/c.txt", "monai>=1.3"])
+        assert actions.pip_ensure(["scipy>=1.10"], "/tmp/c.txt", ["numpy"], "SegMamba") == ["numpy>=1.24"]
+    actions.restart()
+    actions.log("installed")
+    actions.show_error("failed", ValueError("x"))
+    assert [(name, args[1:] if name == "installTorch" else args, kwargs) for name, args, kwargs in calls] == [
+        ("confirmOkCancelDisplay", ("Install?", "SegMamba: install packages"), {}),
+        ("confirmYesNoDisplay", ("Restart now?",), {}),
+        ("WaitCursor", (), {}),
+        ("installTorch", (), {"askConfirmation": False, "torchVersionRequirement": ">=2.1"}),
+        ("pip_install", (["-c", "/tmp/c.txt", "monai>=1.3"],), {}),
+        ("pip_ensure", (["scipy>=1.10"],), {"constraints": "/tmp/c.txt", "skip_packages": ["numpy"],
+                                            "prompt_install": False, "requester": "SegMamba"}),
+        ("restart", (), {}),
+    ]
+    assert logged == ["installed"] and errors[0][0] == "failed"
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(), raising=False)
+    assert not actions.has_pytorch_extension()
 
 
 def test_module_imports_cleanly_inside_slicer() -> None:

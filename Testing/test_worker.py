@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segment
 from SegMambaSlicerLib.errors import CancelledError, CheckpointError
-from SegMambaSlicerLib.models.cards import builtin_cards, card_from_dict, load_card
+from SegMambaSlicerLib.models.cards import load_card
 from SegMambaSlicerLib.networks import build_network
 from SegMambaSlicerLib.run.worker import (
     WorkerCrashedError,
@@ -23,7 +23,6 @@ from SegMambaSlicerLib.run.worker import (
     WorkerEvent,
     WorkerOutOfMemoryError,
     WorkerProcess,
-    card_to_dict,
     describe_exit,
     is_out_of_memory,
     load_image_npz,
@@ -31,7 +30,6 @@ from SegMambaSlicerLib.run.worker import (
     python_executable,
     save_image_npz,
 )
-from toy_models import toy_card
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals and a shell script")
 CPU = SegmentOptions(device="cpu")
@@ -157,12 +155,6 @@ def test_npz_hand_over_keeps_voxels_and_geometry_bit_exact(tmp_path: Path, obliq
         assert back.GetSpacing() == original.GetSpacing()
         assert back.GetOrigin() == original.GetOrigin()
         assert back.GetDirection() == original.GetDirection()
-
-
-def test_card_to_dict_is_the_inverse_of_card_from_dict() -> None:
-    for card in [*builtin_cards().values(), toy_card(channels=3, labels=2)]:
-        data = json.loads(json.dumps(card_to_dict(card)))  # through JSON, as the job file does
-        assert card_from_dict(data, source_path=card.source_path) == card
 
 
 def test_event_lines_parse_and_stray_output_becomes_log() -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.engine.preprocessing import preprocess
+from SegMambaSlicerLib.engine.recipes.segmamba import preprocess
 from SegMambaSlicerLib.evaluation.phantom import PhantomCase, make_phantom
 from SegMambaSlicerLib.io.geometry import direction_matrix, reorder_to, stack_channels
 from SegMambaSlicerLib.models.cards import ModelCard, load_card

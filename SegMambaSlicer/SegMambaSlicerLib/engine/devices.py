@@ -45,18 +45,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
 
 
-def describe_device(device: torch.device) -> str:
-    """One line for logs and the GUI: device, GPU name and memory, torch build."""
-    text = f"torch {torch.__version__}, device {device}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        text += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda})"
-    return text
-
-
 # ------------------------------------------------------------------ CPU memory reuse
 
-log = logging.getLogger("SegMambaSlicerLib")
+log = logging.getLogger(__name__)
 
 # glibc mallopt parameters and their documented defaults (mallopt(3)).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -91,7 +82,7 @@ def reuse_freed_cpu_memory() -> Iterator[None]:
 
     glibc returns every allocation above 32 MiB to the kernel when it is freed, and each new one is then
     mapped and zero-filled page by page. A 128^3 SegMamba window allocates tens of GB of such short-lived
-    activations, so about a third of its CPU time went to page faults (docs/benchmarks.md). Inside this
+    activations, so much of its CPU time went to page faults (docs/benchmarks.md). Inside this
     context malloc serves large blocks from its heap and never trims it, so the same pages are reused;
     on exit the defaults come back and ``malloc_trim`` releases the free pages, so the resident size
     drops again. Nested and concurrent uses restore only when the last one exits. A no-op off glibc.

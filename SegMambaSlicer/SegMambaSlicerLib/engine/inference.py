@@ -2,13 +2,13 @@
 
 Two tilings, because the two official pipelines tile differently:
 
-* ``monai`` (SegMamba V1/V2, MODELS.md §2.9): MONAI's SlidingWindowInferer does the tiling,
-  padding and Gaussian blending exactly as the official pipeline; raw logits are averaged over
-  mirror flips of the whole volume.
-* ``nnunet`` (MambaClinix, MODELS.md §4.7): nnU-Net v2's predictor: pad to at least one patch
-  (zeros, ``diff // 2`` before), evenly spread window starts, nnU-Net's impulse-filtered Gaussian
-  importance map, and mirroring of every window. We accumulate in float32 where nnU-Net uses
-  float16 buffers (a documented, allowed difference).
+* ``monai`` (SegMamba V1/V2; docs/models.md, "SegMamba inference"): MONAI's SlidingWindowInferer
+  does the tiling, padding and Gaussian blending exactly as the official pipeline; raw logits are
+  averaged over mirror flips of the whole volume.
+* ``nnunet`` (MambaClinix; docs/models.md, "nnU-Net prediction and export"): nnU-Net v2's predictor:
+  pad to at least one patch (zeros, ``diff // 2`` before), evenly spread window starts, nnU-Net's
+  impulse-filtered Gaussian importance map, and mirroring of every window. We accumulate in float32
+  where nnU-Net uses float16 buffers (a documented, allowed difference).
 
 Every batch of windows reports progress and checks for cancellation.
 """
@@ -27,11 +27,8 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from scipy.ndimage import gaussian_filter
 
-from ..errors import CancelledError
+from ..errors import CancelCallback, CancelledError, ProgressCallback
 from .devices import reuse_freed_cpu_memory
-
-ProgressCallback = Callable[[float, str], None]
-CancelCallback = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class WindowSettings:
 
 
 def windows_per_axis(size: int, roi: int, overlap: float) -> int:
-    """Number of window starts MONAI uses along one axis (MODELS.md §2.9)."""
+    """Number of window starts MONAI uses along one axis (docs/models.md, "SegMamba inference")."""
     if size <= roi:
         return 1
     interval = max(int(roi * (1.0 - overlap)), 1)

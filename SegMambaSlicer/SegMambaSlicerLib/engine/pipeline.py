@@ -1,18 +1,16 @@
 """The one segmentation pipeline shared by the CLI, the Slicer logic, the worker and batch runs.
 
-Images in (files, DICOM folders or SimpleITK images, one per card channel) → a label map
-out on exactly the first input's voxel grid. Every model-specific choice is read from the
-model card. Cards with preprocessing scheme ``nnunet`` (MambaClinix result folders) go through
-nnU-Net's own steps instead of the SegMamba ones: SimpleITK axis order with ``transpose_forward``
-rather than reorientation, plans-driven normalisation and resampling, nnU-Net tiling, fold
-ensembling and nnU-Net's export back to the input grid.
+Images in (files, DICOM folders or SimpleITK images, one per card channel) → a label map out on
+exactly the first input's voxel grid. Every model-specific step is the card's recipe
+(:mod:`.recipes`: SegMamba's reorient/crop/z-score, or nnU-Net's plans-driven preprocessing, tiling,
+fold ensemble and export); this module only reads, checks, runs the windows and measures.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,25 +19,17 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ..errors import CancelledError, CheckpointError, ModelCardError
-from ..io.geometry import direction_matrix, reorder_to, resample_onto, stack_channels
+from ..errors import CancelCallback, CancelledError, ModelCardError, ProgressCallback
+from ..io.geometry import resample_onto, stack_channels
 from ..io.images import ImageSource, read_image, resolve_inputs
 from ..models.cards import ModelCard
-from ..models.checkpoints import load_into, load_state_dict_file, verified_weights_path
-from ..networks import build_network
 from .devices import resolve_device
-from .inference import CancelCallback, ProgressCallback, WindowSettings, count_windows, predict_logits
-from .preprocessing import (
-    NNUNET_SCHEME,
-    channel_warnings,
-    check_contrast,
-    nnunet_export,
-    preprocess,
-    preprocess_nnunet,
-)
+from .inference import WindowSettings, count_windows, predict_logits
+from .inputs import channel_warnings, check_contrast
+from .recipes import recipe_for
 from .volumes import volumes_ml
 
-log = logging.getLogger("SegMambaSlicerLib")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,7 +73,7 @@ def window_settings(card: ModelCard, options: SegmentOptions) -> WindowSettings:
         blend_mode=inf.blend_mode,
         sigma_scale=inf.sigma_scale,
         mirror_axes=inf.mirror_axes if options.tta else (),
-        tiling="nnunet" if card.preprocessing.scheme == NNUNET_SCHEME else "monai",
+        tiling=recipe_for(card).tiling,
     )
 
 
@@ -96,22 +86,10 @@ def load_network(
     """Build the card's network, load its weights strictly, and put it in eval mode on ``device``.
 
     The card's own weights file is checked against the card's SHA-256 first; ``weights`` given by
-    the caller replace the card's file and are not.
-
-    For nnU-Net cards ``weights`` may name another result folder and ``folds`` overrides the
-    card's folds; the result is the fold ensemble.
+    the caller replace the card's file and are not. For nnU-Net cards ``weights`` may name another
+    result folder and ``folds`` overrides the card's folds; the result is the fold ensemble.
     """
-    if card.preprocessing.scheme == NNUNET_SCHEME:
-        from ..models.nnunet import load_ensemble, model_for_card
-
-        return load_ensemble(model_for_card(card, weights, folds)).eval().to(device)
-    path = Path(weights).expanduser() if weights else verified_weights_path(card)  # the card's own: checksummed
-    if path is None:
-        hint = card.weights.instructions or "Provide a weights file."
-        raise CheckpointError(f"No weights for {card.display_name}. {hint}")
-    network = build_network(card.architecture, **card.architecture_kwargs)
-    load_into(network, load_state_dict_file(path), source=f"weights file {path.name}")
-    return network.eval().to(device)
+    return recipe_for(card).load(card, weights, folds).eval().to(device)
 
 
 def _set_scan_backend(network: nn.Module, backend: str | None) -> None:
@@ -156,32 +134,6 @@ def _check_outputs(logits: torch.Tensor, card: ModelCard) -> None:
         )
 
 
-Restore = Callable[[np.ndarray], np.ndarray]
-
-
-def _prepare_segmamba(data: np.ndarray, reference: sitk.Image, card: ModelCard) -> tuple[np.ndarray, Restore]:
-    """Reorient to the card's orientation, crop and z-score; the returned function undoes it for logits."""
-    reorder = reorder_to(direction_matrix(reference), card.orientation)
-    net_input, box = preprocess(np.ascontiguousarray(reorder.forward(data)), card.preprocessing)
-
-    def restore(logits: np.ndarray) -> np.ndarray:
-        values = np.asarray(card.label_values, dtype=np.uint8)[logits.argmax(0)]
-        return reorder.inverse(box.paste(values))
-
-    return net_input, restore
-
-
-def _prepare_nnunet(
-    data: np.ndarray, reference: sitk.Image, card: ModelCard, options: SegmentOptions
-) -> tuple[np.ndarray, Restore]:
-    """nnU-Net's preprocessing from the result folder's plans; the returned function is nnU-Net's export."""
-    from ..models.nnunet import model_for_card
-
-    settings = model_for_card(card, options.weights, options.folds).settings
-    net_input, geometry = preprocess_nnunet(data, reference.GetSpacing()[::-1], settings)
-    return net_input, lambda logits: nnunet_export(logits, geometry, settings, card.label_values)
-
-
 def segment(
     images: Sequence[ImageSource],
     card: ModelCard,
@@ -201,10 +153,7 @@ def segment(
     check_contrast(data)
     for message in warnings:  # front ends show ``result.warnings``; the log is for console sessions
         log.info("%s", message)
-    if card.preprocessing.scheme == NNUNET_SCHEME:
-        net_input, restore = _prepare_nnunet(data, reference, card, options)
-    else:
-        net_input, restore = _prepare_segmamba(data, reference, card)
+    net_input, restore = recipe_for(card).prepare(data, reference, card, options.weights, options.folds)
     _check_cancel(cancel)
 
     device = resolve_device(options.device)

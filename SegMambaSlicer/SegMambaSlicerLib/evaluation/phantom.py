@@ -41,7 +41,7 @@ class PhantomError(SegMambaError, ValueError):
 
 #: BraTS 2023 grid (x, y, z): the default size of phantoms and of the sample case.
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
-#: BraTS 2023 channel order used by SegMamba / SegMamba-V2 (MODELS.md §2.8).
+#: BraTS 2023 channel order used by SegMamba / SegMamba-V2 (docs/models.md, "SegMamba preprocessing").
 MODALITIES: tuple[str, ...] = ("t2w", "t2f", "t1n", "t1c")
 #: BraTS raw labels.
 LABEL_NECROSIS, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 3

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputImageError
+from ..errors import InputImageError, ModelCardError
+
+
+class OrientationCodeError(ModelCardError, ValueError):
+    """An orientation code is not three letters naming each anatomical axis once (LPS, RAS, ...)."""
+
 
 #: World axis (LPS: 0 = x toward Left, 1 = y toward Posterior, 2 = z toward Superior) and sign per letter.
 _ORIENTATION_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
@@ -25,12 +30,12 @@ _ORIENTATION_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S
 def orientation_axes(code: str) -> tuple[tuple[int, int], ...]:
     """(world axis, sign) of each index axis of an orientation code such as LPS (DICOM letters).
 
-    Raises ``ValueError`` unless the code has three letters naming each world axis once.
+    Raises :class:`OrientationCodeError` (a ``ValueError``) unless the code has three letters naming each world axis once.
     """
     letters = code.upper()
     if (len(letters) != 3 or any(c not in _ORIENTATION_LETTERS for c in letters)
             or len({_ORIENTATION_LETTERS[c][0] for c in letters}) != 3):
-        raise ValueError(f"Invalid orientation code {code!r}; use three letters like LPS or RAS.")
+        raise OrientationCodeError(f"Invalid orientation code {code!r}; use three letters like LPS or RAS.")
     return tuple(_ORIENTATION_LETTERS[c] for c in letters)
 
 

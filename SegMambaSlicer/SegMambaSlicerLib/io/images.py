@@ -15,13 +15,16 @@ import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputImageError
-from ..models.cards import ModelCard
 from .atomic import OutputError, write_atomic
+
+if TYPE_CHECKING:  # files know cards by their fields only: io sits below the models layer
+    from ..models.cards import ModelCard
 
 ImageSource = str | os.PathLike | sitk.Image
 

@@ -14,14 +14,17 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import SegMambaError
-from ..models.cards import ModelCard
 from .atomic import write_bytes_atomic, write_text_atomic
 from .geometry import direction_matrix, reorder_to
+
+if TYPE_CHECKING:  # files know cards by their fields only: io sits below the models layer
+    from ..models.cards import ModelCard
 
 #: Opacity of the label colours over the grey-scale image.
 OVERLAY_ALPHA = 0.45

@@ -16,14 +16,16 @@ import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import SegMambaError
-from ..models.cards import LabelSpec, RegionSpec
 from .atomic import OutputError, write_atomic
+
+if TYPE_CHECKING:  # segments are described by the card's label and region fields; io sits below models
+    from ..models.cards import LabelSpec, RegionSpec
 
 _BINARY_LABELMAP = "Binary labelmap"
 _TERMINOLOGY_TAG = "TerminologyEntry"
@@ -49,6 +51,13 @@ _NRRD_TYPE_ALIASES = {
 
 class SegmentationFileError(SegMambaError):
     """A segmentation file cannot be written, or read as a .seg.nrrd."""
+
+
+class SegmentationDataError(SegmentationFileError, ValueError):
+    """The label map or segment descriptions cannot be stored in a .seg.nrrd (nothing is written).
+
+    Also a ValueError: callers of the Python API caught these as such before they were user-facing.
+    """
 
 
 def terminology_tag_value(terminology: str) -> str:
@@ -84,11 +93,11 @@ def label_layer_array(array: np.ndarray, labels: Sequence[LabelSpec]) -> np.ndar
     shared layer would make them reappear when Slicer edits or merges segments.
     """
     if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"A label map must have an integer voxel type, got {array.dtype}.")
+        raise SegmentationDataError(f"A label map must have an integer voxel type, got {array.dtype}.")
     values = np.array([label.value for label in labels], dtype=np.int64)
     top = int(values.max()) if values.size else 0
     if values.size and (values.min() < 1 or top > np.iinfo(np.uint16).max):
-        raise ValueError("Label values must be integers between 1 and 65535 (0 is background).")
+        raise SegmentationDataError("Label values must be integers between 1 and 65535 (0 is background).")
     dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16
     return np.where(np.isin(array, values), array, 0).astype(dtype)
 
@@ -142,7 +151,7 @@ def _segment_fields(
     }
     for key, text in fields.items():
         if "\n" in text:
-            raise ValueError(f"Segment {name!r}: {key} must not contain a line break.")
+            raise SegmentationDataError(f"Segment {name!r}: {key} must not contain a line break.")
     return [f"Segment{index}_{key}:={text}" for key, text in fields.items()]
 
 
@@ -200,7 +209,7 @@ def _layers(array: np.ndarray, labels: Sequence[LabelSpec], regions: Sequence[Re
     stack = [layer0]
     for region in regions:
         if not set(region.labels) <= known:
-            raise ValueError(
+            raise SegmentationDataError(
                 f"Region {region.name} uses label values {region.labels} that are not all labels."
             )
         stack.append(np.isin(layer0, region.labels).astype(layer0.dtype))
@@ -240,7 +249,7 @@ def write_seg_nrrd(
     a partial file, and a full disk is an :class:`.atomic.OutputError`.
     """
     if labelmap.GetDimension() != 3 or labelmap.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("write_seg_nrrd needs a 3-D scalar label map.")
+        raise SegmentationDataError("write_seg_nrrd needs a 3-D scalar label map.")
     regions = tuple(extra_segments or ())
     data = _layers(sitk.GetArrayViewFromImage(labelmap), labels, regions)
     header = _header(labelmap, data.dtype, labels, regions)

@@ -7,12 +7,14 @@ weights only from its card, so a new model is a new card rather than new branche
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ModelCardError
 from ..networks import ARCHITECTURES, CARD_KWARGS
@@ -20,6 +22,61 @@ from .downloads import is_sha256
 from .resources import models_dir
 
 SCHEMA_VERSION = 1
+#: The built-in card of the small demo model trained on phantoms (the README's main command runs it).
+DEMO_MODEL_ID = "segmamba-demo"
+
+
+class CardChoice(str, Enum):
+    """A card entry with a closed set of values; each member behaves as its JSON text.
+
+    The pipeline compares these entries with plain strings ("nnunet", "url") and writes them into JSON
+    and messages, so a member equals, hashes and prints as its value. ``__str__`` is overridden because
+    Python 3.11 prints members of mixed-in enums as ``Class.NAME`` (``StrEnum`` needs 3.11).
+    """
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PreprocessingScheme(CardChoice):
+    """``preprocessing.scheme``: which normalisation recipe prepares the inputs."""
+
+    #: SegMamba's: crop to the non-zero box of all channels, then z-score each channel over the crop.
+    CROP_NONZERO_ZSCORE = "crop_nonzero_zscore"
+    #: nnU-Net's plans-driven transpose, crop, normalisation and resampling (result-folder models).
+    NNUNET = "nnunet"
+
+
+class BlendMode(CardChoice):
+    """``inference.blend_mode``: how overlapping sliding windows are weighted (MONAI's blend modes)."""
+
+    GAUSSIAN = "gaussian"
+    CONSTANT = "constant"
+
+
+class OutputKind(CardChoice):
+    """``inference.output``: what the network's output channels mean."""
+
+    #: Background plus one channel per label; the label map is the argmax.
+    SOFTMAX_LABELS = "softmax_labels"
+    #: One channel per region (nnU-Net region training): sigmoid > 0.5, painted in channel order.
+    SIGMOID_REGIONS = "sigmoid_regions"
+
+
+class WeightsKind(CardChoice):
+    """``weights.kind``: where the weights come from."""
+
+    #: Downloaded by hand as ``instructions`` and ``url`` say, then registered with ``models import``.
+    MANUAL = "manual"
+    #: Downloaded by ``models download`` from ``url`` and checked against ``sha256``.
+    URL = "url"
+    #: A file beside the card (shipped, or copied there by ``models import``).
+    FILE = "file"
+    #: An nnU-Net result folder anywhere, named by ``file`` (read through its plans and folds).
+    NNUNET = "nnunet"
+
+
+_Choice = TypeVar("_Choice", bound=CardChoice)
 
 
 @dataclass(frozen=True)
@@ -56,7 +113,7 @@ class RegionSpec:
 class Preprocessing:
     """How inputs are normalised before the network sees them."""
 
-    scheme: str = "crop_nonzero_zscore"
+    scheme: PreprocessingScheme = PreprocessingScheme.CROP_NONZERO_ZSCORE
     crop_nonzero: bool = True
     fill_holes: bool = True
     eps: float = 1e-8
@@ -69,17 +126,17 @@ class InferenceSettings:
     roi_size: tuple[int, int, int] = (128, 128, 128)
     overlap: float = 0.5
     sw_batch_size: int = 2
-    blend_mode: str = "gaussian"
+    blend_mode: BlendMode = BlendMode.GAUSSIAN
     sigma_scale: float = 0.125
     mirror_axes: tuple[int, ...] = (0, 1, 2)
-    output: str = "softmax_labels"
+    output: OutputKind = OutputKind.SOFTMAX_LABELS
 
 
 @dataclass(frozen=True)
 class WeightsSource:
     """Where the weights come from: a shipped/cached file, a URL with checksum, or a manual download."""
 
-    kind: str = "manual"
+    kind: WeightsKind = WeightsKind.MANUAL
     file: str | None = None
     url: str | None = None
     sha256: str | None = None
@@ -121,11 +178,6 @@ class ModelCard:
 
 
 _REQUIRED: Any = object()
-#: Values the inference code understands (MONAI blend modes; label or region outputs).
-_BLEND_MODES = ("gaussian", "constant")
-_OUTPUTS = ("softmax_labels", "sigmoid_regions")
-#: ``weights.kind`` of nnU-Net cards (preprocessing.NNUNET_SCHEME, which imports this module).
-_RESULT_FOLDER_KIND = "nnunet"
 
 
 def _shown(value: Any) -> str:
@@ -203,8 +255,12 @@ class _Section:
     def flag(self, key: str, default: bool) -> bool:
         return self._checked(key, default, lambda v: isinstance(v, bool), "true or false")
 
-    def choice(self, key: str, default: str, allowed: Sequence[str]) -> str:
-        return self._checked(key, default, lambda v: v in allowed, "one of " + ", ".join(map(repr, allowed)))
+    def choice(self, key: str, default: _Choice) -> _Choice:
+        """A member of ``default``'s enum: a typo must fail here, not silently take another branch."""
+        allowed = [member.value for member in type(default)]
+        value = self._checked(key, default.value, lambda v: isinstance(v, str) and v in allowed,
+                              "one of " + ", ".join(map(repr, allowed)))
+        return type(default)(value)
 
     def color(self, key: str) -> tuple[float, float, float]:
         value = self._checked(key, _REQUIRED, lambda v: _is_list(v) and len(v) == 3 and all(map(_is_number, v)),
@@ -298,7 +354,7 @@ def _orientation(card: _Section) -> str:
 
 def _preprocessing(pre: _Section) -> Preprocessing:
     return Preprocessing(
-        scheme=pre.text("scheme", "crop_nonzero_zscore"),
+        scheme=pre.choice("scheme", PreprocessingScheme.CROP_NONZERO_ZSCORE),
         crop_nonzero=pre.flag("crop_nonzero", True),
         fill_holes=pre.flag("fill_holes", True),
         eps=pre.number("eps", 1e-8),
@@ -314,11 +370,11 @@ def _inference(inf: _Section) -> InferenceSettings:
                               "three positive whole numbers (the window size per axis)"),  # type: ignore[arg-type]
         overlap=overlap,
         sw_batch_size=inf.integer("sw_batch_size", 2, minimum=1),
-        blend_mode=inf.choice("blend_mode", "gaussian", _BLEND_MODES),
+        blend_mode=inf.choice("blend_mode", BlendMode.GAUSSIAN),
         sigma_scale=inf.number("sigma_scale", 0.125),
         mirror_axes=inf.integers("mirror_axes", (0, 1, 2), lambda v: set(v) <= {0, 1, 2},
                                  "a list of axes 0, 1 and 2"),
-        output=inf.choice("output", "softmax_labels", _OUTPUTS),
+        output=inf.choice("output", OutputKind.SOFTMAX_LABELS),
     )
 
 
@@ -327,12 +383,35 @@ def _weights(weights: _Section) -> WeightsSource:
     if sha256 is not None and not is_sha256(sha256):
         raise weights.fail("sha256", f"must be a SHA-256 checksum (64 hexadecimal characters), got {_shown(sha256)}")
     return WeightsSource(
-        kind=weights.text("kind", "manual"),
+        kind=weights.choice("kind", WeightsKind.MANUAL),
         file=weights.optional_text("file"),
         url=weights.optional_text("url"),
         sha256=sha256.lower() if sha256 else None,
         instructions=weights.text("instructions", ""),
     )
+
+
+def card_to_dict(card: ModelCard) -> dict[str, Any]:
+    """The card as model-card JSON (inverse of :func:`card_from_dict`, without ``source_path``).
+
+    The worker sends cards to its child process this way, and imports write new cards with it.
+    """
+    asdict = dataclasses.asdict
+    return {
+        "schema": SCHEMA_VERSION,
+        "id": card.id,
+        "display_name": card.display_name,
+        "description": card.description,
+        "intended_use": card.intended_use,
+        "architecture": {"name": card.architecture, "kwargs": card.architecture_kwargs},
+        "channels": [asdict(c) for c in card.channels],
+        "labels": [asdict(label) for label in card.labels],
+        "regions": [asdict(r) for r in card.regions],
+        "orientation": card.orientation,
+        "preprocessing": asdict(card.preprocessing),
+        "inference": asdict(card.inference),
+        "weights": asdict(card.weights),
+    }
 
 
 def load_card(path: str | Path) -> ModelCard:
@@ -388,7 +467,7 @@ def _check_weights_file(card: ModelCard, src: str) -> None:
     fold checkpoints.
     """
     name = card.weights.file
-    if name is None or card.weights.kind == _RESULT_FOLDER_KIND:
+    if name is None or card.weights.kind == WeightsKind.NNUNET:
         return
     parts = PurePath(name).parts
     if not parts or PurePath(name).anchor or name.startswith("~") or ".." in parts:

@@ -148,7 +148,7 @@ def extract_state_dict(obj: Any, source: str = "The checkpoint") -> StateDict:
 
 
 def _rename_legacy(sd: StateDict) -> StateDict:
-    """SegMamba briefly named its GSC list ``slice_attns``; the tensors are the same (MODELS.md §2.6)."""
+    """SegMamba once named its GSC list ``slice_attns`` (docs/models.md, "SegMamba V1 code history")."""
     if not any(k.startswith("vit.slice_attns.") for k in sd):
         return sd
     return {re.sub(r"^vit\.slice_attns\.", "vit.gscs.", k): v for k, v in sd.items()}

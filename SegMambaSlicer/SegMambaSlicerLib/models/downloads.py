@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import SegMambaError
+from ..errors import CancelCallback, SegMambaError
 
 #: Bytes read per network call; also the granularity of progress and cancel checks.
 CHUNK_SIZE = 64 * 1024
@@ -33,8 +33,8 @@ USER_AGENT = "segmamba-slicer-downloader/1"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"^bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)$")
 
-ProgressCallback = Callable[[int, int | None], None]
-CancelCallback = Callable[[], bool]
+#: Download progress: ``(bytes so far, total bytes or None when the server does not say)``.
+DownloadProgress = Callable[[int, int | None], None]
 
 
 class DownloadError(SegMambaError):
@@ -75,7 +75,7 @@ def download_file(
     url: str,
     dest: Path,
     sha256: str | None,
-    progress: ProgressCallback | None = None,
+    progress: DownloadProgress | None = None,
     cancel: CancelCallback | None = None,
     timeout: float = 30.0,
     retries: int = 3,
@@ -162,7 +162,7 @@ def _fetch_into(
     opener: urllib.request.OpenerDirector,
     url: str,
     part: Path,
-    progress: ProgressCallback | None,
+    progress: DownloadProgress | None,
     cancel: CancelCallback | None,
     timeout: float,
 ) -> bool:
@@ -208,7 +208,7 @@ def _stream(
     part: Path,
     start: int,
     total: int | None,
-    progress: ProgressCallback | None,
+    progress: DownloadProgress | None,
     cancel: CancelCallback | None,
     url: str,
 ) -> bool:

@@ -1,4 +1,4 @@
-"""nnU-Net v2 result folders as models (MambaClinix, MODELS.md §4.6–4.7).
+"""nnU-Net v2 result folders as MambaClinix models (docs/models.md, "nnU-Net result folders and checkpoints").
 
 A model trained with the official MambaClinix code is an nnU-Net result folder
 ``<Trainer>__<Plans>__<configuration>/`` holding ``dataset.json``, ``plans.json`` and
@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,18 +31,63 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.preprocessing import (
-    NNUNET_NORMALIZATIONS,
-    NNUNET_SCHEME,
-    NnunetChannel,
-    NnunetResampling,
-    NnunetSettings,
-)
 from ..errors import CheckpointError, ModelCardError
 from ..networks.mambaclinix import mambaclinix_from_plans, num_input_channels_of, resolve_configuration
 from .cache import cache_dir
 from .cards import ModelCard, card_from_dict
 from .checkpoints import extract_state_dict, load_into
+
+#: Preprocessing scheme of cards that run through nnU-Net's own pre- and post-processing.
+NNUNET_SCHEME = "nnunet"
+
+#: Normalisation schemes of nnU-Net v2's default_normalization_schemes, by their plans.json names.
+NNUNET_NORMALIZATIONS = (
+    "CTNormalization",
+    "ZScoreNormalization",
+    "NoNormalization",
+    "RescaleTo01Normalization",
+    "RGBTo01Normalization",
+)
+
+
+@dataclass(frozen=True)
+class NnunetResampling:
+    """The plans' keyword arguments of ``resample_data_or_seg_to_shape`` (data or probabilities)."""
+
+    order: int = 3
+    order_z: int = 0
+    force_separate_z: bool | None = None
+    anisotropy_threshold: float = 3.0
+
+
+@dataclass(frozen=True)
+class NnunetChannel:
+    """How one input channel is normalised: scheme name, mask use, dataset foreground statistics."""
+
+    scheme: str
+    use_mask: bool = False
+    intensity: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NnunetSettings:
+    """Everything nnU-Net's preprocessing and export read from plans.json for one configuration.
+
+    ``spacing`` is the configuration's target spacing in transposed axis order; with ``regions``
+    the network outputs one sigmoid channel per region instead of softmax classes.
+    """
+
+    transpose_forward: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    channels: tuple[NnunetChannel, ...]
+    data_resampling: NnunetResampling = NnunetResampling()
+    probabilities_resampling: NnunetResampling = NnunetResampling(order=1)
+    regions: bool = False
+
+    @property
+    def transpose_backward(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.argsort(self.transpose_forward))
+
 
 #: Trainers of the official MambaClinix fork; they all build the same network from the plans.
 SUPPORTED_TRAINERS = (

@@ -25,11 +25,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ModelCardError
+from ..errors import CancelCallback, CheckpointError, ModelCardError
 from ..io.atomic import write_text_atomic
 from ..networks import build_network
 from .cache import downloaded_weights_path, remember_sha256, user_models_dir
-from .cards import ModelCard, builtin_cards, card_from_dict, load_card
+from .cards import ModelCard, builtin_cards, card_from_dict, card_to_dict, load_card
 from .checkpoints import (
     DetectedArchitecture,
     WeightsChangedError,
@@ -38,10 +38,10 @@ from .checkpoints import (
     load_state_dict_file,
     verified_weights_path,
 )
-from .downloads import CancelCallback, ProgressCallback, download_file
+from .downloads import DownloadProgress, download_file
 from .nnunet import card_for_nnunet_folder, is_nnunet_model
 
-log = logging.getLogger("SegMambaSlicerLib")
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 CARD_FILE = "card.json"
@@ -325,10 +325,8 @@ def _card_data(
     Only the fields that define the pipeline are copied, so nothing the template says about its own
     training, evaluation or intended use is carried over to a different network.
     """
-    if template.source_path is None:
-        raise RegistryError(f"Model {template.id} has no card file to copy settings from.")
-    original = json.loads(template.source_path.read_text(encoding="utf-8"))
-    data = {key: original[key] for key in _PIPELINE_FIELDS if key in original}
+    original = card_to_dict(template)
+    data = {key: original[key] for key in _PIPELINE_FIELDS}
     today = datetime.date.today().isoformat()
     data.update(
         id=model_id,
@@ -348,7 +346,7 @@ def _card_data(
 def download_weights(
     model_id: str,
     cache: PathLike | None = None,
-    progress: ProgressCallback | None = None,
+    progress: DownloadProgress | None = None,
     cancel: CancelCallback | None = None,
 ) -> Path:
     """Download the weights of a card with ``weights.kind == "url"`` into the cache and return their path.

@@ -9,6 +9,12 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+from ..errors import SegMambaError
+
+
+class ResourcesNotFoundError(SegMambaError, FileNotFoundError):
+    """The Resources folder (built-in model cards, icons) is missing: a broken install or checkout."""
+
 
 @cache
 def resources_dir() -> Path:
@@ -17,7 +23,9 @@ def resources_dir() -> Path:
     for candidate in (lib.parent / "Resources", lib / "_resources"):
         if (candidate / "Models").is_dir():
             return candidate
-    raise FileNotFoundError(f"SegMambaSlicer resources not found next to {lib}")
+    raise ResourcesNotFoundError(
+        f"The SegMambaSlicer resources (model cards) are not next to {lib}; reinstall the extension or package."
+    )
 
 
 def models_dir() -> Path:

@@ -1,4 +1,4 @@
-"""MambaClinix (CYB08/MambaClinix-PyTorch), re-implemented from MODELS.md §4.
+"""MambaClinix (CYB08/MambaClinix-PyTorch), re-implemented (docs/models.md, "MambaClinix network").
 
 MambaClinix is an nnU-Net v2 network whose architecture is a function of the dataset's ``plans.json`` and
 ``dataset.json``. :func:`mambaclinix_from_plans` builds it the way the official trainer
@@ -82,8 +82,8 @@ class ChannelLayerNorm(nn.Module):
 class HgConv(nn.Module):
     """High-order gated convolution (``hgConvs``): recursive 1×1 convs fed by depthwise-conv features.
 
-    Despite the name every combination is an addition (MODELS.md §4.3); channels split in ascending
-    order ``dims = (C/2^(o-1), ..., C/2, C)``.
+    Despite the name every combination is an addition (docs/models.md, "MambaClinix network"); channels
+    split in ascending order ``dims = (C/2^(o-1), ..., C/2, C)``.
     """
 
     def __init__(self, dim: int, order: int, kernel: Kernel) -> None:

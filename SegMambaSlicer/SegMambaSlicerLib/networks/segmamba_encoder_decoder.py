@@ -1,4 +1,4 @@
-"""The UNETR-style encoder/decoder shared by SegMamba V1 and V2 (MODELS.md §1.1, §2.4, §3.2).
+"""The UNETR-style encoder/decoder shared by SegMamba V1 and V2 (docs/models.md, "UNETR encoder and decoder").
 
 Both official classes register ``encoder1..5``, ``decoder5..1`` and ``out`` (MONAI blocks) after their
 Mamba encoder ``vit`` and decode its four outputs the same way; only what feeds ``vit`` differs.
@@ -31,6 +31,10 @@ SIZE_MULTIPLE = 16
 
 class NetworkConfigError(ModelCardError):
     """The constructor arguments describe a network the official code cannot build."""
+
+
+class UnexpectedArgumentsError(NetworkConfigError, TypeError):
+    """A constructor got arguments it does not take; a TypeError too, as Python raises for a signature."""
 
 
 class InputSizeError(InputImageError):

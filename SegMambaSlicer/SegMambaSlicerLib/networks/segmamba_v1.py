@@ -1,4 +1,4 @@
-"""SegMamba (V1, MICCAI 2024) re-implemented from the facts in MODELS.md section 2.
+"""SegMamba (V1, MICCAI 2024) re-implemented from the official code (docs/models.md, "SegMamba V1 network").
 
 Module names, nesting and registration order reproduce the official state dict exactly, so official
 checkpoints load with ``strict=True``. The tri-oriented Mamba runs through :mod:`SegMambaSlicerLib.networks.ops.mixers`,
@@ -17,6 +17,7 @@ from .ops.mixers import TriOrientedMamba
 from .segmamba_encoder_decoder import (
     InputSizeError,
     NetworkConfigError,
+    UnexpectedArgumentsError,
     add_unetr_blocks,
     check_config,
     check_size_multiple,
@@ -127,7 +128,8 @@ class SegMambaV1(nn.Module):
         super().__init__()
         unknown = set(unused_official_kwargs) - {"drop_path_rate", "layer_scale_init_value", "conv_block"}
         if unknown:
-            raise TypeError(f"SegMambaV1 got unexpected arguments: {', '.join(sorted(unknown))}")
+            names = ", ".join(sorted(unknown))
+            raise UnexpectedArgumentsError(f"SegMambaV1 got unexpected arguments: {names}")
         check_config("SegMamba", depths, feat_size, spatial_dims)
         if len(nslices) != 4:
             raise NetworkConfigError(f"SegMamba needs 4 nslices values (one per stage); got {list(nslices)}.")

@@ -1,4 +1,4 @@
-"""SegMamba-V2 (ge-xing/SegMamba-V2, IEEE TMI 2025), re-implemented from MODELS.md §3.
+"""SegMamba-V2 (ge-xing/SegMamba-V2, IEEE TMI 2025), re-implemented (docs/models.md, "SegMamba-V2 network").
 
 The module tree, attribute names and registration order reproduce the official ``SegMamba`` class of
 ``brats23/models_segmamba/segmambav2.py`` so that official checkpoints load with ``strict=True`` and give
@@ -89,7 +89,7 @@ class MambaLayer(nn.Module):
     """One LayerNorm + Mamba shared by three scans (flatten orders D-H-W, H-D-W, W-H-D), summed, + input.
 
     The scans are realised by swapping tensor axes 2↔3 and 2↔4 before the row-major flatten and swapping
-    back afterwards, exactly the token orders of MODELS.md §3.2.
+    back afterwards, exactly the token orders of docs/models.md, "SegMamba-V2 network".
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> None:

@@ -1,19 +1,17 @@
 """Segment every case in a folder: resumable, atomic, one worker process per device.
 
 The Python-console entry point is :func:`segment_folder` (the Slicer logic calls it too); the command
-line is ``segmamba-slicer batch INPUT_DIR OUTPUT_DIR --model ...`` (:func:`add_batch_parser`).
+line ``segmamba-slicer batch INPUT_DIR OUTPUT_DIR --model ...`` (:mod:`..cli.batch`) calls it as well.
 
-Cases are found either in the BraTS 2023 layout ``<case>/<case>-{t2w,t2f,t1n,t1c}.nii.gz`` (one folder
-per case, channel files named by the card's channel keys or synonyms) or by a pattern such as
-``imagesTs/{case}_{index}.nii.gz`` (see :func:`discover_cases`). Every output is written to a hidden
-temporary file and renamed into place, so an interrupted batch leaves complete files or none; a case
-whose label map exists is skipped on the next run unless ``overwrite`` is set. A case that fails is
-logged and recorded in the summary CSV, and the batch goes on with the next case.
+Cases are found by :func:`.cases.discover_cases`: either in the BraTS 2023 layout
+``<case>/<case>-{t2w,t2f,t1n,t1c}.nii.gz`` or by a pattern such as ``imagesTs/{case}_{index}.nii.gz``.
+Every output is written to a hidden temporary file and renamed into place, so an interrupted batch leaves
+complete files or none; a case whose label map exists is skipped on the next run unless ``overwrite`` is
+set. A case that fails is logged and recorded in the summary CSV, and the batch goes on with the next case.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -21,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..engine.volumes import volumes_ml
-from ..errors import CancelledError, InputImageError, SegMambaError
+from ..errors import CancelCallback, CancelledError, InputImageError, ProgressCallback, SegMambaError
 from ..io.atomic import (
     OutputError,
     check_writable,
@@ -43,19 +40,18 @@ from ..io.atomic import (
     remove_stale_temporaries,
     write_text_atomic,
 )
-from ..io.images import find_case_channels, is_image_file, read_image, read_image_file, write_image_atomic
+from ..io.images import read_image, read_image_file, write_image_atomic
 from ..models.cards import ModelCard
+from .cases import BatchError, Case, discover_cases
 
 if TYPE_CHECKING:  # torch and the pipeline are imported on use: the command line should start fast
     from torch import nn
 
     from ..engine.pipeline import SegmentOptions
 
-log = logging.getLogger("SegMambaSlicerLib")
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-ProgressCallback = Callable[[float, str], None]
-CancelCallback = Callable[[], bool]
 CaseCallback = Callable[["CaseResult"], None]
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
@@ -64,19 +60,6 @@ OUTPUT_SUFFIX = ".nii.gz"
 PREVIEW_SUFFIX = ".png"
 #: Seconds between checks for cancellation and for workers that died while the parent waits.
 _POLL_SECONDS = 0.5
-
-
-class BatchError(SegMambaError):
-    """The batch as a whole cannot run (no cases, bad pattern, bad device list, no worker could start)."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One case to segment: its id and one input file per card channel, or why they could not be found."""
-
-    case_id: str
-    inputs: tuple[Path, ...] = ()
-    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,119 +91,6 @@ class BatchResult:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-# ---------------------------------------------------------------- discovery
-
-
-def discover_cases(input_dir: PathLike, card: ModelCard, pattern: str | None = None,
-                   skip: PathLike | None = None) -> list[Case]:
-    """Find the cases in ``input_dir`` with one input file per channel of ``card``, sorted by id.
-
-    Without ``pattern``: every sub-folder that holds image files is a case named after the folder, with
-    channel files named ``<anything>-<key>.nii.gz`` (BraTS 2023). With ``pattern``: a path relative to
-    ``input_dir`` in which ``{case}`` stands for the case id, ``{channel}`` for a channel key or synonym
-    (``t2f``, ``flair`` ...), ``{index}`` for the channel's position in the card counted from 0 (nnU-Net's
-    ``_0000``), ``*`` for any characters within one folder name and ``**/`` for any sub-folders; e.g.
-    ``{case}/{case}_{channel}.nii.gz`` (BraTS 2021) or ``imagesTs/{case}_{index}.nii.gz`` (nnU-Net).
-    Matching ignores upper/lower case. A case whose files do not fit the card is returned with its
-    ``problem`` set, so that it fails visibly instead of disappearing. Files in the folder ``skip`` (the
-    output folder, when it lies inside the input folder) are ignored.
-    """
-    root = Path(input_dir).expanduser()
-    if not root.is_dir():
-        raise BatchError(f"The input folder {root} does not exist.")
-    skipped = Path(skip).expanduser().resolve() if skip is not None else None
-    cases = _cases_by_pattern(root, card, pattern, skipped) if pattern else _brats_cases(root, card, skipped)
-    if not cases:
-        how = f"matching the pattern {pattern!r}" if pattern else "(expected <case>/<case>-t2w.nii.gz ...)"
-        raise BatchError(f"No cases found in {root} {how}; use --pattern to describe another layout.")
-    return sorted(cases, key=lambda c: c.case_id)
-
-
-def _has_image_files(folder: Path) -> bool:
-    return any(is_image_file(p) for p in folder.iterdir())
-
-
-def _brats_cases(root: Path, card: ModelCard, skip: Path | None) -> list[Case]:
-    cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if folder.resolve() == skip or not _has_image_files(folder):
-            continue
-        try:
-            cases.append(Case(folder.name, tuple(find_case_channels(folder, card))))
-        except InputImageError as exc:
-            cases.append(Case(folder.name, problem=str(exc)))
-    return cases
-
-
-def pattern_regex(pattern: str, card: ModelCard) -> re.Pattern[str]:
-    """Compile a case pattern (see :func:`discover_cases`) into a regular expression over relative paths."""
-    if "{case}" not in pattern:
-        raise BatchError(f"The pattern {pattern!r} must contain {{case}} where the case id appears.")
-    if len(card.channels) > 1 and "{channel}" not in pattern and "{index}" not in pattern:
-        raise BatchError(
-            f"The pattern {pattern!r} must contain {{channel}} or {{index}}: {card.display_name} needs "
-            f"{len(card.channels)} input images per case."
-        )
-    names = sorted(_channel_names(card), key=len, reverse=True)
-    parts = {
-        "{case}": r"(?P<case>[^/]+?)",
-        "{channel}": "(?P<channel>" + "|".join(re.escape(n) for n in names) + ")",
-        "{index}": r"(?P<index>\d+)",
-        "**/": r"(?:[^/]+/)*",
-        "*": r"[^/]*",
-        "?": r"[^/]",
-    }
-    seen: set[str] = set()
-    regex = []
-    for token in re.split(r"(\{case\}|\{channel\}|\{index\}|\*\*/|\*|\?)", pattern.replace("\\", "/")):
-        if token in ("{case}", "{channel}", "{index}") and token in seen:
-            regex.append(f"(?P={token[1:-1]})")
-        elif token in parts:
-            regex.append(parts[token])
-            seen.add(token)
-        else:
-            regex.append(re.escape(token))
-    return re.compile("".join(regex), re.IGNORECASE)
-
-
-def _channel_names(card: ModelCard) -> dict[str, int]:
-    """Lower-case channel key or synonym → channel position (the first channel wins a shared synonym)."""
-    names: dict[str, int] = {}
-    for index, channel in enumerate(card.channels):
-        for name in (channel.key, *channel.synonyms):
-            names.setdefault(name.lower(), index)
-    return names
-
-
-def _cases_by_pattern(root: Path, card: ModelCard, pattern: str, skip: Path | None) -> list[Case]:
-    regex, names = pattern_regex(pattern, card), _channel_names(card)
-    found: dict[str, list[list[Path]]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if skip is not None and path.resolve().is_relative_to(skip):
-            continue
-        match = regex.fullmatch(path.relative_to(root).as_posix())
-        if match is None:
-            continue
-        groups = match.groupdict()
-        if groups.get("channel") is not None:
-            index = names[groups["channel"].lower()]
-        elif groups.get("index") is not None:
-            index = int(groups["index"])
-        else:
-            index = 0
-        if index < len(card.channels):
-            found.setdefault(groups["case"], [[] for _ in card.channels])[index].append(path)
-    return [_case_from_files(case_id, files, card) for case_id, files in found.items()]
-
-
-def _case_from_files(case_id: str, files: list[list[Path]], card: ModelCard) -> Case:
-    for channel, hits in zip(card.channels, files):
-        if len(hits) != 1:
-            what = "no file" if not hits else f"{len(hits)} files ({', '.join(p.name for p in hits)})"
-            return Case(case_id, problem=f"Case {case_id}: {what} for channel {channel.display_name}.")
-    return Case(case_id, tuple(hits[0] for hits in files))
 
 
 # ---------------------------------------------------------------- outputs
@@ -488,8 +358,8 @@ def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, 
     """Segment the cases one after another in this process, loading the network once, when first needed.
 
     Freed CPU memory stays in the process for the whole cohort, not only for one case's windows: giving
-    it back after every case made each next case fault the same ~5 GB in again, ~6 s of a 51 s case on
-    a 2-core VM (docs/benchmarks.md). It is released when the loop ends.
+    it back after every case makes each next case fault the same gigabytes in again (measured in
+    docs/benchmarks.md, "Speed-ups, before and after"). It is released when the loop ends.
     """
     from ..engine.devices import resolve_device, reuse_freed_cpu_memory
     from ..engine.pipeline import load_network
@@ -648,75 +518,3 @@ def _reap(runner: _Runner, workers: Sequence[BaseProcess], devices: Sequence[str
             "it may have run out of memory")))
         failed_any = True
     return failed_any
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_batch_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``batch INPUT_DIR OUTPUT_DIR --model ...`` to a ``segmamba-slicer`` sub-command parser."""
-    p = subparsers.add_parser(
-        "batch", help="segment every case in a folder (resumable, one worker per device)",
-        description="Segment every case of INPUT_DIR into OUTPUT_DIR/<case>.nii.gz and write "
-        "OUTPUT_DIR/summary.csv. Finished cases are skipped unless --overwrite; a failing case is recorded "
-        "and the batch goes on (exit code 1 if any failed).",
-    )
-    p.add_argument("input_dir", type=Path, help="folder of cases (BraTS 2023: <case>/<case>-t2w.nii.gz ...)")
-    p.add_argument("output_dir", type=Path, help="folder for <case>.nii.gz, previews and summary.csv")
-    p.add_argument("--model", "-m", required=True, help="model card id, card .json, or checkpoint .pt")
-    p.add_argument("--weights", "-w", help="weights file (overrides the card's)")
-    p.add_argument("--pattern", help="file layout, e.g. 'imagesTs/{case}_{index}.nii.gz' or "
-                   "'{case}/{case}_{channel}.nii.gz' (default: BraTS 2023 case folders)")
-    p.add_argument("--overwrite", action="store_true", help="segment cases whose output already exists")
-    p.add_argument("--preview", action="store_true", help="also write <case>.png (three slices with labels)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--devices", help="comma-separated devices, one worker process each, e.g. cuda:0,cuda:1")
-    p.add_argument("--summary", type=Path, help="summary CSV (default OUTPUT_DIR/summary.csv)")
-    p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (card default)")
-    p.add_argument("--sw-batch-size", type=int, help="windows per network call (card default)")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
-    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA instead of fp16 autocast")
-    p.add_argument("--scan-backend", choices=["auto", "torch", "fused", "reference"], help="selective-scan backend")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_batch_command)
-    return p
-
-
-def run_batch_command(args: argparse.Namespace) -> int:
-    """Run ``batch``: one line per case, failures listed at the end; exit 1 if any case failed."""
-    import sys
-
-    check_batch_outputs(args.output_dir, args.summary)  # within a second, before PyTorch is imported
-    from ..engine.pipeline import SegmentOptions
-
-    options = SegmentOptions(
-        device=args.device, weights=args.weights, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-        tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend,
-    )
-    progress = None
-    if not args.quiet:
-        from ..cli import ProgressBar
-
-        progress = ProgressBar()
-
-    def print_case(result: CaseResult) -> None:
-        if result.status == FAILED:  # already logged with its error, and listed again at the end
-            return
-        where = f" on {result.device}" if result.device else ""
-        line = f"{result.case_id}: {result.status}" + (f" in {result.seconds:.1f} s{where}" if result.seconds else "")
-        stream = sys.stderr if progress else sys.stdout
-        print(line + (f" - {result.error}" if result.error else ""), file=stream)
-        for warning in result.warnings:
-            print(f"  warning: {warning}", file=stream)
-
-    result = segment_folder(
-        args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
-        preview=args.preview, devices=args.devices.split(",") if args.devices else None, summary_csv=args.summary,
-        progress=progress, on_case=print_case,
-    )
-    counts = {s: sum(c.status == s for c in result.cases) for s in (DONE, SKIPPED, FAILED)}
-    print(f"{len(result.cases)} cases: {counts[DONE]} segmented, {counts[SKIPPED]} skipped (already done), "
-          f"{counts[FAILED]} failed\nsummary: {result.summary_csv}")
-    for case in result.failed:
-        print(f"FAILED {case.case_id}: {case.error}")
-    return 0 if result.ok else 1

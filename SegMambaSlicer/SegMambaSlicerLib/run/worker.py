@@ -46,7 +46,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CancelledError, SegMambaError
-from ..models.cards import ModelCard, card_from_dict
+from ..models.cards import ModelCard, card_from_dict, card_to_dict
 
 if TYPE_CHECKING:
     from ..engine.pipeline import SegmentationResult, SegmentOptions
@@ -113,26 +113,6 @@ def load_image_npz(path: str | os.PathLike[str]) -> sitk.Image:
         image.SetOrigin(data["origin"].tolist())
         image.SetDirection(data["direction"].tolist())
     return image
-
-
-def card_to_dict(card: ModelCard) -> dict[str, Any]:
-    """The card as model-card JSON (inverse of :func:`~.cards.card_from_dict`, without ``source_path``)."""
-    asdict = dataclasses.asdict
-    return {
-        "schema": 1,
-        "id": card.id,
-        "display_name": card.display_name,
-        "description": card.description,
-        "intended_use": card.intended_use,
-        "architecture": {"name": card.architecture, "kwargs": card.architecture_kwargs},
-        "channels": [asdict(c) for c in card.channels],
-        "labels": [asdict(label) for label in card.labels],
-        "regions": [asdict(r) for r in card.regions],
-        "orientation": card.orientation,
-        "preprocessing": asdict(card.preprocessing),
-        "inference": asdict(card.inference),
-        "weights": asdict(card.weights),
-    }
 
 
 def options_to_dict(options: SegmentOptions | None) -> dict[str, Any]:
@@ -602,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     emitter = _Emitter(_private_stdout())
     emitter.emit("started", pid=os.getpid(), python=sys.executable)
-    logger = logging.getLogger("SegMambaSlicerLib")
+    logger = logging.getLogger("SegMambaSlicerLib")  # the whole library: every module logs below it
     logger.addHandler(_LogForwarder(emitter))
     logger.setLevel(logging.INFO)
     try:

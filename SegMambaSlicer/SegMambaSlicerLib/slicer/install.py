@@ -2,8 +2,8 @@
 
 Installing packages into Slicer's Python is where AI extensions most often break Slicer itself: pip
 replaces Slicer's own SimpleITK, numpy, vtk or requests with wheels built for a different Slicer
-(SLICER.md §5.1). Every decision is therefore a pure function of the requirements, the installed
-versions, the Slicer version and the GPU state, with unit tests; the Qt widget only asks the user once
+(docs/user-guide.md, "In 3D Slicer"). Every decision is therefore a pure function of the requirements, the installed
+versions, the Slicer version and the GPU state, with unit tests; install_flow.py asks the user once
 and carries the plan out:
 
 1. torch, when missing or too old, through the PyTorch extension (which picks the CUDA build for the
@@ -188,7 +188,7 @@ def plan_install(
     )
 
 
-def pip_install_arguments(packages: Iterable[str], constraints_file: Path | None,
+def pip_install_arguments(packages: Iterable[str], constraints_file: str | Path | None,
                           options: Iterable[str] = ()) -> list[str]:
     """Arguments after ``pip install`` (a list, so paths with spaces survive on every platform)."""
     args = ["-c", str(constraints_file)] if constraints_file is not None else []
@@ -204,6 +204,12 @@ def fused_kernel_offer(cuda_usable: bool, platform: str, installed: Mapping[str,
     if not cuda_usable or not platform.startswith("linux"):
         return ()
     return tuple(name for name in FUSED_KERNELS if installed.get(canonicalize_name(name)) is None)
+
+
+def describe_missing(plan: InstallPlan) -> str:
+    """The banner line shown while packages are missing (the install button sits under it)."""
+    return ("SegMamba needs Python packages that are not installed yet: "
+            + ", ".join(filter(None, [plan.torch, *plan.packages])) + ".")
 
 
 def describe_plan(plan: InstallPlan) -> str:

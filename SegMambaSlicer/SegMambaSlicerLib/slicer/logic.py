@@ -27,15 +27,13 @@ import SimpleITK as sitk
 from torch import nn
 
 from ..engine.devices import resolve_device
-from ..engine.inference import CancelCallback, ProgressCallback
 from ..engine.pipeline import SegmentationResult, SegmentOptions, load_network, segment
-from ..errors import CheckpointError, InputImageError
+from ..errors import CancelCallback, CheckpointError, InputImageError, ProgressCallback
 from ..io.seg_nrrd import segment_ids
 from ..models.cards import LabelSpec, ModelCard
-from ..run.worker import WorkerEvent, WorkerProcess
+from ..run.worker import WorkerError, WorkerEvent, WorkerProcess
 from . import mrml
 
-_CLOSED_SURFACE = "Closed surface"
 _SCRATCH_NODE_NAME = "SegMamba region (temporary)"
 
 
@@ -288,7 +286,7 @@ class SegmentationLogic:
         images = self._images(input_nodes, card)
         if in_worker:
             if network is not None:
-                raise ValueError("A network object cannot be sent to a worker process; run it in-process.")
+                raise WorkerError("A network object cannot be sent to a worker process; run it in-process.")
             result = WorkerProcess(images, card, options).run(progress, cancel)
         else:
             network = network or self.network_for(card, options)

@@ -26,12 +26,21 @@ import slicer
 import vtk
 from vtkmodules.util import numpy_support
 
-from ..errors import InputImageError
+from ..errors import InputImageError, SegMambaError
 from ..io.seg_nrrd import label_layer_array, segment_ids, terminology_tag_value
 from ..models.cards import LabelSpec
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _BINARY_LABELMAP = "Binary labelmap"
+
+
+
+class SceneError(SegMambaError):
+    """The scene has no volumes logic bound to it (not Slicer's scene, nor one from :func:`headless_scene`)."""
+
+
+class NotAVolumeError(InputImageError, ValueError):
+    """An image handed to the scene is not a 3-D scalar volume (4-D, vector or colour images are not)."""
 
 
 @dataclass
@@ -113,7 +122,7 @@ def _volumes_logic(scene: slicer.vtkMRMLScene) -> slicer.vtkSlicerVolumesLogic:
         logic = modules.volumes.logic()
         if logic.GetMRMLScene() is scene:
             return logic
-    raise RuntimeError(
+    raise SceneError(
         "No volumes logic is bound to this scene: use the scene of the Slicer application or one "
         "created with SegMambaSlicerLib.slicer.mrml.headless_scene()."
     )
@@ -205,7 +214,7 @@ def volume_node_from_image(
 ) -> slicer.vtkMRMLVolumeNode:
     """Add a scalar (or label map) volume node holding a copy of a 3-D SimpleITK image."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("volume_node_from_image needs a 3-D scalar image.")
+        raise NotAVolumeError("volume_node_from_image needs a 3-D scalar image.")
     array = sitk.GetArrayFromImage(image)
     if array.dtype == bool:
         array = array.astype(np.uint8)
@@ -256,7 +265,7 @@ def import_labelmap_to_segmentation(
     or the label map's own grid when no reference volume is given.
     """
     if labelmap.GetDimension() != 3 or labelmap.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("import_labelmap_to_segmentation needs a 3-D scalar label map.")
+        raise NotAVolumeError("import_labelmap_to_segmentation needs a 3-D scalar label map.")
     layer = _oriented_image_data(label_layer_array(sitk.GetArrayViewFromImage(labelmap), labels), labelmap)
     node = segmentation_node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     was_modifying = node.StartModify()

@@ -1,8 +1,9 @@
 """Mamba token mixers: the standard selective-SSM block and SegMamba's tri-oriented variant.
 
-Both keep the official parameter names, shapes and registration order (MODELS.md sections 1.2 and 2.3) so
-that official state dicts load strictly. The SSM itself runs through :mod:`selective_scan`, whose backend
-each mixer takes from its ``scan_backend`` attribute (None = automatic / environment variable).
+Both keep the official parameter names, shapes and registration order (docs/models.md, "Mamba selective-SSM
+block" and "Tri-oriented Mamba") so that official state dicts load strictly. The SSM itself runs through
+:mod:`selective_scan`, whose backend each mixer takes from its ``scan_backend`` attribute (None = automatic /
+environment variable).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def _ssm_branch(
     x: Tensor, z: Tensor, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
     d_state: int, backend: str | None,
 ) -> Tensor:
-    """Steps 2-8 of MODELS.md 1.2 on token-major x, z (batch, L, d_inner); returns the gated y (batch, L, d_inner).
+    """Steps 2-8 of the Mamba block (docs/models.md, "Mamba selective-SSM block") on token-major x, z.
+
+    x and z are (batch, L, d_inner); returns the gated y (batch, L, d_inner).
 
     Everything stays token-major ((batch, L, channels) memory, channel-major views where the ops want them),
     which is what the linear layers produce and consume, so no full-size transposes are made.
@@ -127,7 +130,7 @@ class TriOrientedMamba(nn.Module):
         self.dt_rank = _dt_rank(d_model, dt_rank)
         self.nslices = nslices
         self.scan_backend: str | None = None
-        # registration order = official state-dict order (MODELS.md 2.3)
+        # registration order = official state-dict order (docs/models.md, "Tri-oriented Mamba")
         self.A_log = nn.Parameter(_a_log_init(self.d_inner, d_state))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.A_b_log = nn.Parameter(_a_log_init(self.d_inner, d_state))

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ...errors import DeviceError, SegMambaError
+from . import BACKEND_ENV_VAR, SCAN_BACKENDS
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -48,14 +49,12 @@ __all__ = [
     "selective_scan",
 ]
 
-logger = logging.getLogger("SegMambaSlicerLib")
+logger = logging.getLogger(__name__)
 
-BACKEND_ENV_VAR = "SEGMAMBA_SCAN_BACKEND"
-SCAN_BACKENDS = ("auto", "torch", "fused", "reference")
 
-# Tuning of the torch backend (measured with benchmarks/bench_scan.py on a 2-core x86 CPU): chunks of 32
-# steps, and per-step state slices of (K chunks, batch, N, d) float32 of about 4 MB on CPU (cache-sized, yet
-# large enough that per-operation overhead stays small); accelerators prefer larger slices (fewer launches).
+# Tuning of the torch backend (benchmarks/bench_scan.py; figures in docs/benchmarks.md): chunks of 32 steps,
+# and per-step state slices of (K chunks, batch, N, d) float32 that fit a CPU cache yet keep per-operation
+# overhead small; accelerators prefer larger slices (fewer launches).
 _CHUNK = 32
 _CPU_SLICE_BYTES = 4 * 2**20
 _ACCEL_SLICE_BYTES = 32 * 2**20

@@ -1,204 +1,40 @@
-"""Preprocessing as the official pipelines do it, and its inverse for the prediction.
+"""The nnU-Net v2 recipe (MambaClinix result folders): nnU-Net's own plans-driven steps, in one place.
 
-SegMamba (MODELS.md §2.8): crop to the union of non-zero voxels over channels (holes filled),
-then z-score each channel over the whole crop, zeros included, with the population std. The
-crop box is returned so the prediction can be pasted back into the full grid.
-
-MambaClinix runs inside nnU-Net v2, so its inputs go through nnU-Net's own plans-driven steps
-(MODELS.md §4.7): ``transpose_forward``, the same crop, per-channel normalisation schemes, and
-resampling to the configuration's spacing (``resample_data_or_seg_to_shape``: spline order 3
-in-plane, order 0 across slices when the grid is anisotropic). :func:`nnunet_export` undoes them
-for the logits: resample back (order 1), argmax or region thresholds, paste, transpose back.
+MambaClinix runs inside nnU-Net v2, so its inputs go through nnU-Net's preprocessing (docs/models.md,
+"nnU-Net preprocessing"): ``transpose_forward``, the same crop as SegMamba, per-channel normalisation
+schemes, and resampling to the configuration's spacing (``resample_data_or_seg_to_shape``: spline order 3
+in-plane, order 0 across slices when the grid is anisotropic). :func:`nnunet_export` undoes them for the
+logits (docs/models.md, "nnU-Net prediction and export"): resample back (order 1), argmax or region
+thresholds, paste, transpose back. What the plans say is read
+by :mod:`..models.nnunet`; this module only computes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
+from torch import nn
 
-from ..errors import InputImageError
-from ..models.cards import Preprocessing
-
-
-@dataclass(frozen=True)
-class CropBox:
-    """Half-open voxel box ``[lo, hi)`` per array axis, and the full shape it came from."""
-
-    lo: tuple[int, ...]
-    hi: tuple[int, ...]
-    full_shape: tuple[int, ...]
-
-    @property
-    def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi))
-
-    def paste(self, cropped: np.ndarray, fill: int = 0) -> np.ndarray:
-        """Place a cropped array back into a full-size array filled with ``fill``."""
-        out = np.full(self.full_shape, fill, dtype=cropped.dtype)
-        out[self.slices] = cropped
-        return out
-
-
-def nonzero_mask(data: np.ndarray, fill_holes: bool = True) -> np.ndarray:
-    """Union of non-zero voxels over the channels of a (C, z, y, x) array, enclosed holes filled."""
-    mask = np.any(data != 0, axis=0)
-    return ndimage.binary_fill_holes(mask) if fill_holes else mask
-
-
-def box_of_mask(mask: np.ndarray) -> CropBox:
-    """Tightest half-open box around the true voxels of ``mask``."""
-    if not mask.any():
-        raise InputImageError("All input images are zero everywhere; there is nothing to segment.")
-    coords = np.nonzero(mask)
-    lo = tuple(int(c.min()) for c in coords)
-    hi = tuple(int(c.max()) + 1 for c in coords)
-    return CropBox(lo=lo, hi=hi, full_shape=mask.shape)
-
-
-def nonzero_box(data: np.ndarray, fill_holes: bool = True) -> CropBox:
-    """Bounding box of the union of non-zero voxels over channels of a (C, z, y, x) array."""
-    return box_of_mask(nonzero_mask(data, fill_holes))
-
-
-def zscore(data: np.ndarray, eps: float = 1e-8, valid: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel ``(x - mean) / max(std, eps)`` over all voxels, float32 as the official code.
-
-    With ``valid`` (a boolean array shaped like ``data``) the statistics are taken over the valid
-    voxels only; the others must already hold 0 and are normalised as 0.
-    """
-    data = data.astype(np.float32, copy=False)
-    out = np.empty_like(data)
-    for c in range(data.shape[0]):
-        sample = data[c] if valid is None or valid[c].all() else data[c][valid[c]]
-        mean = sample.mean(dtype=np.float64) if sample.size else 0.0
-        std = sample.std(dtype=np.float64) if sample.size else 0.0
-        out[c] = (data[c] - np.float32(mean)) / np.float32(max(std, eps))
-    return out
-
-
-def split_nonfinite(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """``data`` with NaN/Inf voxels set to 0, and the mask of finite voxels (None when all are finite).
-
-    Zeroed voxels count as background for the crop box (as any zero does) and are left out of the
-    normalisation statistics through the mask, so no NaN ever reaches the network.
-    """
-    finite = np.isfinite(data)
-    if finite.all():
-        return data, None
-    return np.where(finite, data, np.float32(0)).astype(data.dtype, copy=False), finite
-
-
-def preprocess(data: np.ndarray, settings: Preprocessing) -> tuple[np.ndarray, CropBox]:
-    """Apply the card's preprocessing to a (C, z, y, x) array; return the network input and crop box."""
-    if settings.scheme != "crop_nonzero_zscore":
-        raise InputImageError(f"Preprocessing scheme {settings.scheme!r} is not supported by this version.")
-    data, finite = split_nonfinite(data)
-    if settings.crop_nonzero:
-        box = nonzero_box(data, settings.fill_holes)
-    else:
-        box = CropBox(lo=(0, 0, 0), hi=tuple(data.shape[1:]), full_shape=tuple(data.shape[1:]))
-    crop = (slice(None), *box.slices)
-    return zscore(data[crop], settings.eps, None if finite is None else finite[crop]), box
-
-
-def channel_warnings(array: np.ndarray, name: str) -> list[str]:
-    """What is wrong with one channel's voxels (SimpleITK (z, y, x) order), for the user to read.
-
-    Non-finite voxels are counted and located (voxel indices i, j, k as Slicer shows them); a channel
-    without contrast (zero or one value everywhere) carries no information for the network.
-    """
-    messages = []
-    finite = np.isfinite(array)
-    bad = int(finite.size - np.count_nonzero(finite))
-    if bad:
-        where = np.nonzero(~finite)
-        lo = tuple(int(where[a].min()) for a in (2, 1, 0))
-        hi = tuple(int(where[a].max()) for a in (2, 1, 0))
-        messages.append(
-            f"{bad} voxel{'s' if bad != 1 else ''} of the {name} image ({100.0 * bad / finite.size:.2g}%) "
-            f"{'are' if bad != 1 else 'is'} not a number (NaN or infinite), between voxel (i, j, k) {lo} and "
-            f"{hi}; treated as 0 (background) and left out of the intensity statistics."
-        )
-    values = array[finite]
-    if values.size == 0 or values.min() == values.max():
-        level = 0.0 if values.size == 0 else float(values.flat[0])
-        what = "zero everywhere" if level == 0.0 else f"the same value ({level:g}) everywhere"
-        messages.append(
-            f"The {name} image is {what}: the model gets no information from it, so the result is "
-            "unreliable. Check that the right image was chosen for this input."
-        )
-    return messages
-
-
-def check_contrast(data: np.ndarray) -> None:
-    """Refuse a case in which no channel has any contrast (all zero or each constant): nothing to segment."""
-    for channel in data:
-        finite = channel[np.isfinite(channel)]
-        if finite.size and finite.min() != finite.max():
-            return
-    if not np.any(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)):
-        raise InputImageError("All input images are zero everywhere; there is nothing to segment.")
-    raise InputImageError(
-        "Every input image has one value everywhere (no contrast); there is nothing to segment. "
-        "Check that the right images were chosen."
-    )
-
-
-# ---------------------------------------------------------------- nnU-Net v2 (MambaClinix)
-
-#: Preprocessing scheme of cards that run through nnU-Net's own pre- and post-processing.
-NNUNET_SCHEME = "nnunet"
-
-#: Normalisation schemes of nnU-Net v2's default_normalization_schemes, by their plans.json names.
-NNUNET_NORMALIZATIONS = (
-    "CTNormalization",
-    "ZScoreNormalization",
-    "NoNormalization",
-    "RescaleTo01Normalization",
-    "RGBTo01Normalization",
+from ...errors import InputImageError
+from ...models.cards import ModelCard
+from ...models.nnunet import (
+    NNUNET_NORMALIZATIONS,
+    NNUNET_SCHEME,
+    NnunetChannel,
+    NnunetResampling,
+    NnunetSettings,
+    load_ensemble,
+    model_for_card,
 )
+from ..crop import CropBox, box_of_mask, nonzero_mask
+from ..inputs import split_nonfinite
+from .base import Folds, Recipe, Restore, Weights
 
-
-@dataclass(frozen=True)
-class NnunetResampling:
-    """The plans' keyword arguments of ``resample_data_or_seg_to_shape`` (data or probabilities)."""
-
-    order: int = 3
-    order_z: int = 0
-    force_separate_z: bool | None = None
-    anisotropy_threshold: float = 3.0
-
-
-@dataclass(frozen=True)
-class NnunetChannel:
-    """How one input channel is normalised: scheme name, mask use, dataset foreground statistics."""
-
-    scheme: str
-    use_mask: bool = False
-    intensity: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class NnunetSettings:
-    """Everything nnU-Net's preprocessing and export read from plans.json for one configuration.
-
-    ``spacing`` is the configuration's target spacing in transposed axis order; with ``regions``
-    the network outputs one sigmoid channel per region instead of softmax classes.
-    """
-
-    transpose_forward: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    channels: tuple[NnunetChannel, ...]
-    data_resampling: NnunetResampling = NnunetResampling()
-    probabilities_resampling: NnunetResampling = NnunetResampling(order=1)
-    regions: bool = False
-
-    @property
-    def transpose_backward(self) -> tuple[int, ...]:
-        return tuple(int(i) for i in np.argsort(self.transpose_forward))
+SCHEME = NNUNET_SCHEME
 
 
 @dataclass(frozen=True)
@@ -388,3 +224,19 @@ def nnunet_export(
     else:
         labels = values[resampled.argmax(0)]
     return np.transpose(geometry.box.paste(labels), settings.transpose_backward)
+
+
+def prepare(data: np.ndarray, reference: sitk.Image, card: ModelCard, weights: Weights = None,
+            folds: Folds = None) -> tuple[np.ndarray, Restore]:
+    """nnU-Net's preprocessing from the result folder's plans; the returned function is nnU-Net's export."""
+    settings = model_for_card(card, weights, folds).settings
+    net_input, geometry = preprocess_nnunet(data, reference.GetSpacing()[::-1], settings)
+    return net_input, lambda logits: nnunet_export(logits, geometry, settings, card.label_values)
+
+
+def load(card: ModelCard, weights: Weights = None, folds: Folds = None) -> nn.Module:
+    """The fold ensemble of the result folder (``weights`` may name another folder, ``folds`` others)."""
+    return load_ensemble(model_for_card(card, weights, folds))
+
+
+RECIPE = Recipe(scheme=SCHEME, tiling="nnunet", prepare=prepare, load=load)

@@ -1,0 +1,62 @@
+"""``segmamba-slicer batch INPUT_DIR OUTPUT_DIR --model ...``: the command line of :mod:`..run.batch`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..run.batch import DONE, FAILED, SKIPPED, CaseResult, check_batch_outputs, segment_folder
+from .common import add_run_options, progress_bar, segment_options
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``batch INPUT_DIR OUTPUT_DIR --model ...`` to a ``segmamba-slicer`` sub-command parser."""
+    p = subparsers.add_parser(
+        "batch", help="segment every case in a folder (resumable, one worker per device)",
+        description="Segment every case of INPUT_DIR into OUTPUT_DIR/<case>.nii.gz and write "
+        "OUTPUT_DIR/summary.csv. Finished cases are skipped unless --overwrite; a failing case is recorded "
+        "and the batch goes on (exit code 1 if any failed).",
+    )
+    p.add_argument("input_dir", type=Path, help="folder of cases (BraTS 2023: <case>/<case>-t2w.nii.gz ...)")
+    p.add_argument("output_dir", type=Path, help="folder for <case>.nii.gz, previews and summary.csv")
+    p.add_argument("--model", "-m", required=True, help="model card id, card .json, or checkpoint .pt")
+    p.add_argument("--pattern", help="file layout, e.g. 'imagesTs/{case}_{index}.nii.gz' or "
+                   "'{case}/{case}_{channel}.nii.gz' (default: BraTS 2023 case folders)")
+    p.add_argument("--overwrite", action="store_true", help="segment cases whose output already exists")
+    p.add_argument("--preview", action="store_true", help="also write <case>.png (three slices with labels)")
+    p.add_argument("--devices", help="comma-separated devices, one worker process each, e.g. cuda:0,cuda:1")
+    p.add_argument("--summary", type=Path, help="summary CSV (default OUTPUT_DIR/summary.csv)")
+    add_run_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``batch``: one line per case, failures listed at the end; exit 1 if any case failed."""
+    check_batch_outputs(args.output_dir, args.summary)  # within a second, before PyTorch is imported
+    options = segment_options(args)
+    progress = progress_bar(args)
+
+    def print_case(result: CaseResult) -> None:
+        if result.status == FAILED:  # already logged with its error, and listed again at the end
+            return
+        where = f" on {result.device}" if result.device else ""
+        took = f" in {result.seconds:.1f} s{where}" if result.seconds else ""
+        line = f"{result.case_id}: {result.status}{took}"
+        stream = sys.stderr if progress else sys.stdout
+        print(line + (f" - {result.error}" if result.error else ""), file=stream)
+        for warning in result.warnings:
+            print(f"  warning: {warning}", file=stream)
+
+    result = segment_folder(
+        args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
+        preview=args.preview, devices=args.devices.split(",") if args.devices else None,
+        summary_csv=args.summary, progress=progress, on_case=print_case,
+    )
+    counts = {s: sum(c.status == s for c in result.cases) for s in (DONE, SKIPPED, FAILED)}
+    print(f"{len(result.cases)} cases: {counts[DONE]} segmented, {counts[SKIPPED]} skipped (already done), "
+          f"{counts[FAILED]} failed\nsummary: {result.summary_csv}")
+    for case in result.failed:
+        print(f"FAILED {case.case_id}: {case.error}")
+    return 0 if result.ok else 1

@@ -1,0 +1,93 @@
+"""``segmamba-slicer predict``: segment one case into a label map (and optionally a Slicer .seg.nrrd).
+
+The outputs are checked before PyTorch is imported, so a wrong path is refused within a second rather
+than after the model has loaded; keep the slow imports below :func:`check_outputs` in :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import add_run_options, progress_bar, segment_options
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``predict --model ... -i ... -o ...`` to a ``segmamba-slicer`` sub-command parser."""
+    p = subparsers.add_parser("predict", help="segment one case")
+    p.add_argument("--model", "-m", required=True, help="model card id, card .json, or checkpoint .pt")
+    p.add_argument("-i", "--input", nargs="+", required=True,
+                   help="one image per model input in the card's order (e.g. T2W T2F T1N T1C), "
+                   "or one case folder")
+    p.add_argument("-o", "--output", required=True, type=Path, help="label map to write (.nii.gz, .nrrd)")
+    p.add_argument("--seg-nrrd", nargs="?", const="auto",
+                   help="also write a Slicer .seg.nrrd (path optional)")
+    add_run_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment the case, write the outputs, print where they went and the volumes."""
+    seg_path = None
+    if args.seg_nrrd:
+        seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
+    check_outputs(args.input, label_map=args.output, segmentation=seg_path)  # before the slow imports
+
+    from ..engine.pipeline import segment
+    from ..io.images import resolve_inputs, write_image_atomic
+    from ..models.registry import resolve_model
+
+    card = resolve_model(args.model)
+    inputs = resolve_inputs(args.input, card)
+    result = segment(inputs, card, segment_options(args), progress=progress_bar(args))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    out = write_image_atomic(result.labelmap, args.output)
+    print(f"label map: {out}")
+    if seg_path is not None:
+        from ..io.seg_nrrd import write_seg_nrrd
+
+        written = write_seg_nrrd(result.labelmap, card.labels, seg_path, extra_segments=card.regions)
+        print(f"segmentation: {written}")
+    print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
+    for name, ml in result.volumes.items():
+        print(f"  {name}: {ml:.2f} mL")
+    return 0
+
+
+def check_outputs(inputs: Sequence[str | Path], label_map: Path, segmentation: Path | None = None) -> None:
+    """Before any work: every output can be written, replaces no input and no other output.
+
+    ``inputs`` are the paths as given: image files, DICOM series folders, or one case folder, whose
+    image files are the inputs (the folder itself may receive outputs). This needs no model, so it
+    runs before PyTorch is imported, within a second of the start. Stale temporary files that killed
+    runs left beside the outputs are removed here, as a batch does.
+    """
+    from ..io.atomic import OutputError, check_writable, refuse_overwriting_inputs, remove_stale_temporaries
+    from ..io.images import LABELMAP_SUFFIXES, is_image_file
+
+    outputs = [check_writable(label_map, suffixes=LABELMAP_SUFFIXES, what="label map")]
+    if segmentation is not None:
+        outputs.append(check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation"))
+        if outputs[1].resolve() == outputs[0].resolve():
+            raise OutputError(f"The label map and the segmentation would both be written to {outputs[0]}.")
+    sources: list[Path] = []
+    for given in map(Path, inputs):
+        images = [p for p in given.iterdir() if is_image_file(p)] if given.is_dir() else []
+        sources.extend(images or [given])
+    refuse_overwriting_inputs(outputs, sources)
+    for output in outputs:
+        remove_stale_temporaries(output)
+
+
+def seg_nrrd_beside(path: Path) -> Path:
+    """``<name>.seg.nrrd`` beside a label map ``<name>.nii.gz`` (or another image suffix)."""
+    from ..io.images import IMAGE_SUFFIXES
+
+    path = Path(path)
+    name = path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+    return path.with_name(name[: len(name) - len(suffix)] + ".seg.nrrd")

@@ -1,0 +1,83 @@
+"""The SegMamba recipe (V1 and V2): reorient, crop to the content, z-score; undone exactly for the result.
+
+As the official code (docs/models.md, "SegMamba preprocessing"): crop to the union of non-zero voxels over
+channels (holes filled), then z-score each channel over the whole crop, zeros included, with the
+population std. The network sees the image in the card's orientation by axis permutations and flips
+only, so the label map lands back on the input grid exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from torch import nn
+
+from ...errors import CheckpointError
+from ...io.geometry import direction_matrix, reorder_to
+from ...models.cards import ModelCard, Preprocessing
+from ...models.checkpoints import load_into, load_state_dict_file, verified_weights_path
+from ...networks import build_network
+from ..crop import CropBox, nonzero_box
+from ..inputs import split_nonfinite
+from .base import Folds, Recipe, Restore, Weights
+
+#: ``preprocessing.scheme`` of the cards this recipe runs.
+SCHEME = "crop_nonzero_zscore"
+
+
+def zscore(data: np.ndarray, eps: float = 1e-8, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel ``(x - mean) / max(std, eps)`` over all voxels, float32 as the official code.
+
+    With ``valid`` (a boolean array shaped like ``data``) the statistics are taken over the valid
+    voxels only; the others must already hold 0 and are normalised as 0.
+    """
+    data = data.astype(np.float32, copy=False)
+    out = np.empty_like(data)
+    for c in range(data.shape[0]):
+        sample = data[c] if valid is None or valid[c].all() else data[c][valid[c]]
+        mean = sample.mean(dtype=np.float64) if sample.size else 0.0
+        std = sample.std(dtype=np.float64) if sample.size else 0.0
+        out[c] = (data[c] - np.float32(mean)) / np.float32(max(std, eps))
+    return out
+
+
+def preprocess(data: np.ndarray, settings: Preprocessing) -> tuple[np.ndarray, CropBox]:
+    """Apply the card's preprocessing to a (C, z, y, x) array; return the network input and crop box."""
+    data, finite = split_nonfinite(data)
+    if settings.crop_nonzero:
+        box = nonzero_box(data, settings.fill_holes)
+    else:
+        box = CropBox(lo=(0, 0, 0), hi=tuple(data.shape[1:]), full_shape=tuple(data.shape[1:]))
+    crop = (slice(None), *box.slices)
+    return zscore(data[crop], settings.eps, None if finite is None else finite[crop]), box
+
+
+def prepare(data: np.ndarray, reference: sitk.Image, card: ModelCard, weights: Weights = None,
+            folds: Folds = None) -> tuple[np.ndarray, Restore]:
+    """Reorient to the card's orientation, crop and z-score; the returned function undoes it for logits.
+
+    ``weights`` and ``folds`` do not change SegMamba's preprocessing (they do nnU-Net's).
+    """
+    reorder = reorder_to(direction_matrix(reference), card.orientation)
+    net_input, box = preprocess(np.ascontiguousarray(reorder.forward(data)), card.preprocessing)
+
+    def restore(logits: np.ndarray) -> np.ndarray:
+        values = np.asarray(card.label_values, dtype=np.uint8)[logits.argmax(0)]
+        return reorder.inverse(box.paste(values))
+
+    return net_input, restore
+
+
+def load(card: ModelCard, weights: Weights = None, folds: Folds = None) -> nn.Module:
+    """The card's network with its weights loaded strictly (the card's own file checksummed first)."""
+    path = Path(weights).expanduser() if weights else verified_weights_path(card)
+    if path is None:
+        hint = card.weights.instructions or "Provide a weights file."
+        raise CheckpointError(f"No weights for {card.display_name}. {hint}")
+    network = build_network(card.architecture, **card.architecture_kwargs)
+    return load_into(network, load_state_dict_file(path), source=f"weights file {path.name}")
+
+
+RECIPE = Recipe(scheme=SCHEME, tiling="monai", prepare=prepare, load=load)

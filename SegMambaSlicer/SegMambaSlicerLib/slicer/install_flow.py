@@ -1,0 +1,169 @@
+"""The first-run install inside 3D Slicer carried out step by step, with every Slicer action injected.
+
+install.py decides *what* to install; this module decides *in which order*, *what to ask* and *what
+to clean up* — the part that used to live in the Qt widget, untested:
+
+- ask once (the plan's text); a refusal installs nothing;
+- torch first, then a fresh plan, so that the torch just installed is pinned for the other packages;
+- the other packages with a temporary constraints file, removed however pip ends;
+- a restart offered only when the plan needs one and plain pip installed the packages
+  (``slicer.packaging.pip_ensure`` offers its own);
+- the optional fused CUDA kernels, offered only where they can run.
+
+The Slicer calls (dialogs, pip, slicer.packaging, the PyTorch extension, restart, the wait cursor,
+the log) come in as an :class:`InstallActions` of callables: the module file builds the real one,
+tests build recording fakes. This module imports neither Qt nor slicer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import SegMambaError
+from . import install
+from .install import InstallPlan
+
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
+
+#: Window titles and slicer.packaging's ``requester``: who asks the user.
+REQUESTER = "SegMamba"
+_KERNELS_QUESTION = (
+    "Install the optional fused CUDA kernels {}? They compile against the installed PyTorch and need the "
+    "CUDA toolkit; this can take a long time. Segmentation works without them."
+)
+
+
+@dataclass(frozen=True)
+class InstallActions:
+    """What the flow asks of Slicer; each field names the Slicer call it stands for.
+
+    The flow calls each with the arguments Slicer's function takes, so the real actions can be the
+    Slicer functions themselves.
+    """
+
+    slicer_version: Callable[[], tuple[int, int]]  # (slicer.app.majorVersion, slicer.app.minorVersion)
+    has_pytorch_extension: Callable[[], bool]  # the PyTorch extension (PyTorchUtils) is loaded
+    confirm: Callable[[str, str], bool]  # slicer.util.confirmOkCancelDisplay(text, windowTitle)
+    ask_yes_no: Callable[[str], bool]  # slicer.util.confirmYesNoDisplay(text)
+    busy: Callable[[], AbstractContextManager[object]]  # slicer.util.WaitCursor()
+    install_torch: Callable[[str], object]  # PyTorchUtilsLogic().installTorch(...); None on failure
+    pip_install: Callable[[list[str]], object]  # slicer.util.pip_install(arguments)
+    #: slicer.packaging.pip_ensure(requirements, constraints, skip_packages, requester); the skipped ones.
+    pip_ensure: Callable[[list[str], str, list[str], str], list[str] | None]
+    restart: Callable[[], object]  # slicer.util.restart()
+    log: Callable[[str], None]  # the module's log panel
+    show_error: Callable[[str, Exception], None]  # the module's error dialog (called inside ``except``)
+
+
+def _imported_top_level_modules() -> set[str]:
+    """Top-level names of the modules this Python has imported (an upgrade of one needs a restart)."""
+    return {name.split(".")[0] for name in sys.modules}
+
+
+@contextmanager
+def constraints_file(plan: InstallPlan) -> Iterator[str]:
+    """A temporary pip constraints file pinning what Slicer has (``plan.constraints``); always removed."""
+    handle, path = tempfile.mkstemp(prefix="segmamba-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write("\n".join(plan.constraints) + "\n")
+        yield path
+    finally:
+        os.remove(path)
+
+
+@dataclass
+class InstallFlow:
+    """Plans and carries out the installation the module needs, asking the user through ``actions``.
+
+    ``on_installed`` runs after packages were installed (the widget shows the models and devices);
+    the other fields read this Python's state and are replaced only by tests.
+    """
+
+    actions: InstallActions
+    on_installed: Callable[[], None] = lambda: None
+    requirements: Callable[[], list[Requirement]] = install.read_requirements
+    installed: Callable[[Iterable[str]], Mapping[str, str | None]] = install.installed_versions
+    imported: Callable[[], Collection[str]] = _imported_top_level_modules
+    platform: str = field(default_factory=lambda: sys.platform)
+
+    def plan(self) -> InstallPlan:
+        """The plan for this Python now (re-read after each step, since each changes what is installed)."""
+        requirements = self.requirements()
+        names = [r.name for r in requirements] + [*install.PROTECTED, install.TORCH]
+        return install.plan_install(
+            requirements, self.installed(names), self.actions.slicer_version(),
+            pytorch_extension=self.actions.has_pytorch_extension(), imported=self.imported())
+
+    def ensure(self) -> bool:
+        """Ask once, then install torch and the other requirements; True when everything is in place."""
+        plan = self.plan()
+        if not plan.needed:
+            return True
+        description = install.describe_plan(plan)
+        if not self.actions.confirm(description, f"{REQUESTER}: install packages"):
+            self.actions.log("Package installation declined; segmentation needs these packages.")
+            return False
+        self.actions.log(description)
+        try:
+            with self.actions.busy():
+                if plan.torch is not None:
+                    self._install_torch(plan)
+                    plan = self.plan()  # pins the torch just installed
+                if plan.packages:
+                    self._install_packages(plan)
+        except Exception as exc:  # noqa: BLE001 - pip and PyTorchUtils raise many kinds; all are shown
+            self.actions.show_error("Installing the Python packages failed. See the log for pip's output.", exc)
+            return False
+        self.actions.log("Python packages installed.")
+        if plan.restart_needed and plan.installer == install.PIP_INSTALLER:
+            if self.actions.ask_yes_no("Slicer must restart to use the updated packages. Restart now?"):
+                self.actions.restart()
+        self.on_installed()
+        return not self.plan().needed
+
+    def kernel_offer(self, cuda_usable: bool) -> tuple[str, ...]:
+        """The fused-kernel packages worth offering on this computer (empty: hide the button)."""
+        installed = self.installed(install.FUSED_KERNELS)
+        return install.fused_kernel_offer(cuda_usable, self.platform, installed)
+
+    def install_kernels(self, cuda_usable: bool) -> None:
+        """Offer the fused kernels; on yes, pip-install them against the pinned torch and offer a restart."""
+        offer = self.kernel_offer(cuda_usable)
+        if not offer or not self.actions.confirm(_KERNELS_QUESTION.format(", ".join(offer)),
+                                                 f"{REQUESTER}: fast GPU kernels"):
+            return
+        with constraints_file(self.plan()) as constraints:
+            try:
+                with self.actions.busy():
+                    self.actions.pip_install(install.pip_install_arguments(
+                        offer, constraints, install.FUSED_KERNEL_PIP_OPTIONS))
+                if self.actions.ask_yes_no("Restart Slicer now to use the fused kernels?"):
+                    self.actions.restart()
+            except Exception as exc:  # noqa: BLE001 - a failed build must leave the pure PyTorch scan usable
+                self.actions.show_error("Installing the fused kernels failed; the pure PyTorch scan is used.", exc)
+
+    def _install_torch(self, plan: InstallPlan) -> None:
+        self.actions.log(f"Installing PyTorch ({plan.torch}) with the {plan.torch_installer}…")
+        if plan.torch_installer == install.PYTORCH_EXTENSION:
+            if self.actions.install_torch(plan.torch_specifier) is None:
+                raise SegMambaError("The PyTorch extension could not install PyTorch; see the Python console.")
+        else:
+            self.actions.pip_install(install.pip_install_arguments([plan.torch], None))
+
+    def _install_packages(self, plan: InstallPlan) -> None:
+        self.actions.log("Installing " + ", ".join(plan.packages) + " (keeping " + ", ".join(plan.constraints) + ")…")
+        with constraints_file(plan) as constraints:
+            if plan.installer == install.PACKAGING_INSTALLER:
+                skipped = self.actions.pip_ensure(list(plan.packages), constraints, list(plan.skip_packages), REQUESTER)
+                if skipped:
+                    self.actions.log("Left to Slicer: " + ", ".join(skipped))
+            else:
+                self.actions.pip_install(install.pip_install_arguments(plan.packages, constraints))

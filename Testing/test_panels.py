@@ -1,0 +1,104 @@
+"""What the module's panels show, decided without Qt: devices, models, run options and the status line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import SimpleITK as sitk
+from SegMambaSlicerLib.engine.pipeline import SegmentationResult, SegmentOptions
+from SegMambaSlicerLib.models import registry
+from SegMambaSlicerLib.models.cards import builtin_cards
+from SegMambaSlicerLib.slicer.logic import GpuInfo, SystemInfo
+from SegMambaSlicerLib.slicer.panels import (
+    device_panel,
+    finished_status,
+    model_cards,
+    model_info_text,
+    segment_options,
+)
+
+CUDA_BOX = SystemInfo(torch_version="2.5.1+cu124", cuda_build="12.4", gpus=(GpuInfo(0, "RTX 4090", 23.6),),
+                      mps=False, fused_kernels="mamba_ssm is not installed", nvidia_driver=True)
+
+
+def test_device_panel_before_torch_is_installed_offers_no_device() -> None:
+    def never() -> SystemInfo:
+        raise AssertionError("torch must not be probed before it is installed")
+
+    assert device_panel(False, probe=never) == device_panel(False)
+    panel = device_panel(False)
+    assert (panel.choices, panel.info, panel.cuda_usable) == ((), "PyTorch is not installed yet.", False)
+
+
+def test_device_panel_lists_the_gpu_first_and_says_when_cuda_is_usable() -> None:
+    panel = device_panel(True, probe=lambda: CUDA_BOX)
+    assert panel.choices == (("auto", "Automatic (GPU 0: RTX 4090)"), ("cuda:0", "GPU 0: RTX 4090 (24 GB)"),
+                             ("cpu", "CPU (slow: several minutes per case)"))
+    assert panel.info.startswith("PyTorch 2.5.1+cu124 (CUDA 12.4 build); GPU 0: RTX 4090, 23.6 GB;")
+    assert panel.cuda_usable
+    assert not device_panel(True, probe=lambda: dataclasses.replace(CUDA_BOX, gpus=())).cuda_usable
+
+
+def test_a_broken_pytorch_becomes_the_info_line_instead_of_an_error() -> None:
+    def broken() -> SystemInfo:
+        raise OSError("libcudart.so.12: cannot open shared object file")
+
+    panel = device_panel(True, probe=broken)
+    assert panel.choices == () and not panel.cuda_usable
+    assert panel.info == ("PyTorch is installed but cannot be loaded: libcudart.so.12: cannot open shared object "
+                          "file. Reinstall it.")
+
+
+def test_device_panel_of_this_python_always_offers_the_cpu() -> None:
+    panel = device_panel(True)
+    assert panel.choices[0][0] == "auto" and panel.choices[-1][0] == "cpu"
+    assert panel.info.startswith("PyTorch ")
+
+
+def test_models_are_the_builtin_ones_until_the_packages_are_there(home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cards, warning = model_cards(False)
+    assert list(cards) == list(builtin_cards()) and warning is None
+    monkeypatch.setattr(registry, "all_cards", lambda: {"imported": builtin_cards()["segmamba-demo"]})
+    assert model_cards(True) == ({"imported": builtin_cards()["segmamba-demo"]}, None)
+
+    def broken() -> dict:
+        raise ImportError("torch is broken")
+
+    monkeypatch.setattr(registry, "all_cards", broken)
+    cards, warning = model_cards(True)
+    assert list(cards) == list(builtin_cards())
+    assert warning == "Imported models cannot be listed: torch is broken"
+
+
+def test_model_info_says_whether_the_weights_are_there(tmp_path: Path) -> None:
+    card = builtin_cards()["segmamba-demo"]
+    card = dataclasses.replace(card, description="Demo.", intended_use="Testing only.", weights=dataclasses.replace(
+        card.weights, file=str(tmp_path / "demo.pt"), instructions=""))
+    assert model_info_text(card) == "Demo.\nTesting only.\nno weights yet: use Load checkpoint…"
+    (tmp_path / "demo.pt").write_bytes(b"weights")
+    assert model_info_text(card) == "Demo.\nTesting only.\nweights ready"
+    manual = dataclasses.replace(card, intended_use="", weights=dataclasses.replace(
+        card.weights, file=None, instructions="Download from the authors."))
+    assert model_info_text(manual) == "Demo.\n\nDownload from the authors."
+
+
+def test_segment_options_follow_the_parameter_node() -> None:
+    parameters = SimpleNamespace(device="cuda:1", overlap=0.25, swBatchSize=4, tta=True, mixedPrecision=False,
+                                 fusedKernels=False)
+    assert segment_options(parameters) == SegmentOptions(
+        device="cuda:1", overlap=0.25, sw_batch_size=4, tta=True, mixed_precision=False, scan_backend="torch")
+    defaults = SimpleNamespace(**{**vars(parameters), "device": "", "fusedKernels": True})
+    assert (segment_options(defaults).device, segment_options(defaults).scan_backend) == ("auto", None)
+
+
+def test_finished_status_counts_windows_and_points_to_warnings() -> None:
+    card = builtin_cards()["segmamba-demo"]
+    result = SegmentationResult(sitk.Image(2, 2, 2, sitk.sitkUInt8), card, "cuda:0", 12.4, 1)
+    assert finished_status(result) == "Done in 12 s on cuda:0 (1 window)."
+    result = dataclasses.replace(result, windows=8, warnings=("t1n has no contrast", "NaN voxels"))
+    assert finished_status(result) == (
+        "Done in 12 s on cuda:0 (8 windows). 2 warning(s) about the inputs: see the log.")
