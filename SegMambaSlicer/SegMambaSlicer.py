@@ -3,9 +3,9 @@
 Thin by design: the widget wires the .ui to the parameter node and copies results into widgets. Work
 and every decision that can be made without Qt live in SegMambaSlicerLib.slicer (tested headless with
 pytest): segmentation and review (logic.py), panel texts and lists (panels.py), and the first-run
-install (install.py decides, install_flow.py asks and installs through the Slicer calls built in
-:func:`slicerInstallActions`). Nothing here imports torch at module load, so the module opens before
-PyTorch is installed and can offer to install it.
+install (install.py decides, install_flow.py asks and installs through Slicer's own calls), and the
+self-test's cases and checks (self_test.py). Nothing here imports torch at module load, so the module
+opens before PyTorch is installed and can offer to install it.
 
 The per-channel input selectors are created in code inside ``inputVolumesWidget``, because their
 number and labels come from the selected model card.
@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-import time
 import traceback
 from typing import Annotated
 
@@ -38,7 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from SegMambaSlicerLib.errors import SegMambaError  # noqa: E402
 from SegMambaSlicerLib.models.cards import DEMO_MODEL_ID, match_channels  # noqa: E402
 from SegMambaSlicerLib.slicer import install, panels  # noqa: E402
-from SegMambaSlicerLib.slicer.install_flow import REQUESTER, InstallActions, InstallFlow  # noqa: E402
+from SegMambaSlicerLib.slicer.install_flow import REQUESTER, InstallFlow, slicer_install_actions  # noqa: E402
 
 
 class SegMambaSlicer(ScriptedLoadableModule):
@@ -62,37 +60,9 @@ class SegMambaSlicer(ScriptedLoadableModule):
 
 def registerSampleData():
     """Offer the synthetic BraTS-like case in the Sample Data module (generated on first use, then cached)."""
-    import SampleData
+    from SegMambaSlicerLib.slicer.sample_data import register_sample_data
 
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="SegMamba",
-        sampleName="SegMambaPhantom",
-        thumbnailFileName=os.path.join(iconsPath, "SegMambaSlicer.png"),
-        customDownloader=lambda *source: SegMambaSlicerLogic().loadSampleCase(),
-    )
-
-
-def slicerInstallActions(log, showError):
-    """The real Slicer calls behind InstallFlow, each with the arguments of the released Slicer API."""
-
-    def installTorch(specifier):
-        import PyTorchUtils
-
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=specifier)
-
-    def pipEnsure(requirements, constraints, skipPackages, requester):
-        import slicer.packaging  # Slicer >= 5.12 only; the flow uses it only there
-
-        return slicer.packaging.pip_ensure(requirements, constraints=constraints, skip_packages=skipPackages,
-                                           prompt_install=False, requester=requester)
-
-    return InstallActions(
-        slicer_version=lambda: (slicer.app.majorVersion, slicer.app.minorVersion),
-        has_pytorch_extension=lambda: hasattr(slicer.modules, "pytorchutils"),
-        confirm=slicer.util.confirmOkCancelDisplay, ask_yes_no=slicer.util.confirmYesNoDisplay,
-        busy=slicer.util.WaitCursor, install_torch=installTorch, pip_install=slicer.util.pip_install,
-        pip_ensure=pipEnsure, restart=slicer.util.restart, log=log, show_error=showError)
+    register_sample_data(os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SegMambaSlicer.png"))
 
 
 @parameterNodeWrapper
@@ -136,7 +106,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegMambaSlicerLogic()
-        self._install = InstallFlow(slicerInstallActions(self._log, self._showError),
+        self._install = InstallFlow(slicer_install_actions(self._log, self._showError),
                                     on_installed=self._refreshEnvironment)
         self.ui.inputVolumesWidget.setLayout(qt.QFormLayout())
         self.ui.volumesTable.setColumnCount(2)
@@ -345,17 +315,12 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _onTimer(self):
-        from SegMambaSlicerLib.slicer.logic import progress_text
-
-        for event in self._run.poll():
-            if event.kind == "progress":
-                secondsLeft = self._run.clock.update(event.fraction)
-                self.ui.progressBar.value = int(round(1000 * event.fraction))
-                self.ui.progressBar.setFormat(progress_text(event.message, secondsLeft))
-            elif event.kind in ("log", "stderr") and event.message.strip():
-                self._log(event.message)
-            elif event.kind == "started":
-                self._log(f"Worker process {event.data.get('pid')} started ({event.data.get('python')}).")
+        for update in self._run.updates():
+            if update.log:
+                self._log(update.log)
+            else:
+                self.ui.progressBar.value = update.value
+                self.ui.progressBar.setFormat(update.text)
         if self._run.finished:
             self._finishRun()
 
@@ -465,10 +430,9 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
     def loadSampleCase(self):
         """Load the synthetic BraTS-size case (written to the cache folder once); returns its volume nodes."""
-        from SegMambaSlicerLib.evaluation.phantom import sample_case
+        from SegMambaSlicerLib.slicer.sample_data import load_sample_case
 
-        paths = sample_case()
-        return [slicer.util.loadVolume(str(paths[key]), {"name": f"Sample {key}"}) for key in ("t2w", "t2f", "t1n", "t1c")]
+        return load_sample_case()
 
     def segmentNodeGroups(self, groups, card, options=None, progress=None, cancel=None):
         """Segment several cases already loaded, e.g. ``[[t2w1, t2f1, t1n1, t1c1], [t2w2, ...]]``; returns nodes."""
@@ -490,7 +454,10 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class SegMambaSlicerTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (and headless under pytest): a synthetic case through the real logic."""
+    """Runs inside Slicer (and headless under pytest): synthetic cases through the real logic.
+
+    The cases and checks live in SegMambaSlicerLib.slicer.self_test, beside the logic they check.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -503,61 +470,12 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
 
     def test_logic_writes_named_segments_and_volumes(self):
         """A fixed-weight network whose answer is known: label 3 exactly where channel 0 is brightest."""
-        from SegMambaSlicerLib.slicer.self_test_cases import FIXED_WEIGHT_VOLUMES_ML, fixed_weight_case
+        from SegMambaSlicerLib.slicer.self_test import check_in_process
 
-        card, arrays, network = fixed_weight_case()
-        volumes = [slicer.util.addVolumeFromArray(array, name=channel.key)
-                   for array, channel in zip(arrays, card.channels)]
-        node, result = SegMambaSlicerLogic().impl.segment_nodes(volumes, card, network=network)
-        segmentation = node.GetSegmentation()
-        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, [label.name for label in card.labels] + [r.display_name for r in card.regions])
-        self.assertEqual(result.volumes.keys(), FIXED_WEIGHT_VOLUMES_ML.keys())
-        for key, value in FIXED_WEIGHT_VOLUMES_ML.items():
-            self.assertAlmostEqual(result.volumes[key], value, places=9)
-        self._assertSegmentsMatchVolumes(node, result, volumes[0])
-        self.delayDisplay("SegMamba in-process segmentation passed")
+        self.delayDisplay(check_in_process(self, SegMambaSlicerLogic()))
 
     def test_background_worker_matches_in_process_run(self):
-        """The GUI's path (a worker process running Slicer's Python) gives the in-process result.
+        """The GUI's path (a worker process running Slicer's Python) gives the in-process result."""
+        from SegMambaSlicerLib.slicer.self_test import check_worker
 
-        Uses the demo model on a synthetic BraTS-like case when it is installed, else a small
-        seeded SegMamba written to a temporary folder.
-        """
-        import numpy as np
-        import torch
-        from SegMambaSlicerLib.engine.pipeline import SegmentOptions
-        from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
-        from SegMambaSlicerLib.slicer.self_test_cases import worker_case
-
-        with tempfile.TemporaryDirectory() as folder:
-            card, images = worker_case(folder, DEMO_MODEL_ID)
-            volumes = [volume_node_from_image(image, slicer.mrmlScene, channel.key)
-                       for image, channel in zip(images, card.channels)]
-            options = SegmentOptions(device="cpu", mixed_precision=False)
-            logic = SegMambaSlicerLogic()
-            run = logic.impl.start_segmentation(volumes, card, options, threads=torch.get_num_threads())
-            while not run.finished:  # what the widget's timer does
-                run.poll()
-                time.sleep(0.05)
-            node, result = logic.finish(run)
-            reference_node, reference = logic.impl.segment_nodes(volumes, card, options)
-        self.assertEqual(result.volumes, reference.volumes)
-        segmentation = node.GetSegmentation()
-        for index in range(segmentation.GetNumberOfSegments()):
-            segment_id = segmentation.GetNthSegmentID(index)
-            got = slicer.util.arrayFromSegmentBinaryLabelmap(node, segment_id, volumes[0])
-            want = slicer.util.arrayFromSegmentBinaryLabelmap(reference_node, segment_id, volumes[0])
-            np.testing.assert_array_equal(got, want)
-        self._assertSegmentsMatchVolumes(node, result, volumes[0])
-        self.delayDisplay(f"SegMamba background worker passed ({card.id}, {result.seconds:.1f} s)")
-
-    def _assertSegmentsMatchVolumes(self, node, result, referenceVolume):
-        """Every segment's voxel count times the voxel volume equals the volumes table."""
-        import numpy as np
-        from SegMambaSlicerLib.slicer.logic import volume_rows
-
-        voxel_ml = float(np.prod(referenceVolume.GetSpacing())) / 1000.0
-        for row in volume_rows(result):
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, row.segment_id, referenceVolume)
-            self.assertAlmostEqual(int(np.count_nonzero(mask)) * voxel_ml, row.volume_ml, places=9)
+        self.delayDisplay(check_worker(self, SegMambaSlicerLogic(), DEMO_MODEL_ID))

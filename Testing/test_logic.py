@@ -198,6 +198,42 @@ def test_progress_clock_estimates_time_left_from_the_window_rate() -> None:
     assert progress_text("window 40/40", 0.0) == "window 40/40"
 
 
+class _ScriptedWorker:
+    """Stands in for a worker process: hands out a fixed list of events once."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def poll(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+
+def test_run_updates_turn_worker_events_into_progress_bar_states_and_log_lines() -> None:
+    from SegMambaSlicerLib.run.worker import WorkerEvent
+    from SegMambaSlicerLib.slicer.logic import ProgressClock, RunUpdate, SegmentationRun
+
+    times = iter([100.0, 110.0, 130.0])
+    events = [
+        WorkerEvent("started", data={"pid": 42, "python": "PythonSlicer"}),
+        WorkerEvent("progress", "loading model", 0.0),
+        WorkerEvent("progress", "window 1/4", 0.25),
+        WorkerEvent("stderr", "   "),  # blank output is not logged
+        WorkerEvent("log", "Selective scan backend: torch"),
+        WorkerEvent("progress", "window 3/4", 0.75),
+    ]
+    run = SegmentationRun(_ScriptedWorker(events), card=None, input_nodes=[], segmentation_node=None,
+                          clock=ProgressClock(clock=lambda: next(times)))
+    assert run.updates() == [
+        RunUpdate(log="Worker process 42 started (PythonSlicer)."),
+        RunUpdate(0, "loading model"),
+        RunUpdate(250, "window 1/4 · about 0:30 left"),  # 10 s for a quarter: 30 s for the rest
+        RunUpdate(log="Selective scan backend: torch"),
+        RunUpdate(750, "window 3/4 · about 0:10 left"),  # 30 s for three quarters
+    ]
+    assert run.updates() == []
+
+
 def test_starting_without_weights_fails_at_once_with_the_cards_instructions(mrml_scene) -> None:
     import dataclasses
 

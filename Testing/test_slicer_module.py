@@ -92,8 +92,9 @@ def test_module_self_test_background_worker_with_the_demo_model(mrml_scene, monk
 
 def test_install_actions_call_slicer_with_the_released_api_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each action the install flow takes reaches Slicer, slicer.packaging and PyTorchUtils with these arguments."""
-    module = _import_module_file(monkeypatch)
+    _import_module_file(monkeypatch)
     import slicer
+    from SegMambaSlicerLib.slicer.install_flow import slicer_install_actions
 
     calls = []
 
@@ -113,7 +114,7 @@ def test_install_actions_call_slicer_with_the_released_api_arguments(monkeypatch
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(majorVersion=5, minorVersion=12), raising=False)
     monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(pytorchutils=object()), raising=False)
     logged, errors = [], []
-    actions = module.slicerInstallActions(logged.append, lambda message, exc: errors.append((message, exc)))
+    actions = slicer_install_actions(logged.append, lambda message, exc: errors.append((message, exc)))
 
     assert actions.slicer_version() == (5, 12) and actions.has_pytorch_extension()
     assert actions.confirm("Install?", "SegMamba: install packages") is True

@@ -167,3 +167,27 @@ class InstallFlow:
                     self.actions.log("Left to Slicer: " + ", ".join(skipped))
             else:
                 self.actions.pip_install(install.pip_install_arguments(plan.packages, constraints))
+
+
+def slicer_install_actions(log: Callable[[str], None],
+                           show_error: Callable[[str, BaseException], None]) -> InstallActions:
+    """The real Slicer calls behind :class:`InstallFlow`, each with the arguments of the released Slicer API."""
+    import slicer
+
+    def install_torch(specifier: str | None) -> object:
+        import PyTorchUtils
+
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=specifier)
+
+    def pip_ensure(requirements: list[str], constraints: str, skip_packages: list[str], requester: str) -> object:
+        import slicer.packaging  # Slicer >= 5.12 only; the flow uses it only there
+
+        return slicer.packaging.pip_ensure(requirements, constraints=constraints, skip_packages=skip_packages,
+                                           prompt_install=False, requester=requester)
+
+    return InstallActions(
+        slicer_version=lambda: (slicer.app.majorVersion, slicer.app.minorVersion),
+        has_pytorch_extension=lambda: hasattr(slicer.modules, "pytorchutils"),
+        confirm=slicer.util.confirmOkCancelDisplay, ask_yes_no=slicer.util.confirmYesNoDisplay,
+        busy=slicer.util.WaitCursor, install_torch=install_torch, pip_install=slicer.util.pip_install,
+        pip_ensure=pip_ensure, restart=slicer.util.restart, log=log, show_error=show_error)

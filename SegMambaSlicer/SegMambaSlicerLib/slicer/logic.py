@@ -223,6 +223,15 @@ def _add_region_segments(node: object, labelmap: sitk.Image, card: ModelCard, sc
 # ---------------------------------------------------------------- running
 
 
+@dataclass(frozen=True)
+class RunUpdate:
+    """One change of the run panel: the progress bar (value out of 1000, text) or a line for the log."""
+
+    value: int | None = None
+    text: str = ""
+    log: str = ""
+
+
 @dataclass
 class SegmentationRun:
     """A segmentation running in a worker process, started by :meth:`SegmentationLogic.start_segmentation`."""
@@ -236,6 +245,20 @@ class SegmentationRun:
     def poll(self) -> list[WorkerEvent]:
         """New worker events (never blocks); call from a timer until :attr:`finished`."""
         return self.worker.poll()
+
+    def updates(self) -> list[RunUpdate]:
+        """What the panel shows for the new events: progress bar states and log lines, in order."""
+        shown: list[RunUpdate] = []
+        for event in self.poll():
+            if event.kind == "progress":
+                seconds_left = self.clock.update(event.fraction)
+                shown.append(RunUpdate(round(1000 * event.fraction), progress_text(event.message, seconds_left)))
+            elif event.kind in ("log", "stderr") and event.message.strip():
+                shown.append(RunUpdate(log=event.message))
+            elif event.kind == "started":
+                shown.append(RunUpdate(log=f"Worker process {event.data.get('pid')} started "
+                                           f"({event.data.get('python')})."))
+        return shown
 
     @property
     def finished(self) -> bool:
