@@ -27,7 +27,8 @@ from SegMambaSlicerLib.engine.inference import (
 )
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment, window_settings
 from SegMambaSlicerLib.engine.recipes.nnunet import nnunet_export, preprocess_nnunet
-from SegMambaSlicerLib.models.nnunet import FoldEnsemble, card_from_nnunet, settings_from_plans
+from SegMambaSlicerLib.models.cards import card_from_dict
+from SegMambaSlicerLib.models.nnunet import FoldEnsemble, nnunet_card_data, settings_from_plans
 
 HERE = Path(__file__).resolve().parent / "fixtures_nnunet"
 pytest.importorskip("nibabel", reason="the reference volumes are nibabel's test data")
@@ -91,7 +92,7 @@ def _card(case: str, folder: Path):
     for fold, net in enumerate(cases.toy_folds(case)):
         (folder / f"fold_{fold}").mkdir()
         torch.save({"network_weights": net.state_dict()}, folder / f"fold_{fold}" / "checkpoint_final.pth")
-    return card_from_nnunet(
+    return card_from_dict(nnunet_card_data(
         plans,
         dataset_json,
         "3d_fullres",
@@ -100,7 +101,7 @@ def _card(case: str, folder: Path):
         "checkpoint_final.pth",
         cases.TRAINER,
         mirror_axes=cases.CASES[case]["mirror"],
-    )
+    ))
 
 
 @pytest.mark.parametrize("case", cases.E2E_CASES)

@@ -473,7 +473,10 @@ def nnunet_card_data(
     trainer: str = SUPPORTED_TRAINERS[0],
     mirror_axes: Sequence[int] | None = (0, 1, 2),
 ) -> dict[str, Any]:
-    """The model-card JSON for one configuration of an nnU-Net result folder (plans validated)."""
+    """The model-card JSON for one configuration of an nnU-Net result folder (plans validated).
+
+    ``card_from_dict`` of it is the card (distinct label values and known regions checked as for any card).
+    """
     settings = settings_from_plans(plans, dataset_json, configuration)
     config = resolve_configuration(plans, configuration)
     labels_json = dataset_json.get("labels", {})
@@ -513,23 +516,6 @@ def nnunet_card_data(
     }
 
 
-def card_from_nnunet(
-    plans: Mapping[str, Any],
-    dataset_json: Mapping[str, Any],
-    configuration: str,
-    folder: Path,
-    folds: Sequence[str],
-    checkpoint: str,
-    trainer: str = SUPPORTED_TRAINERS[0],
-    mirror_axes: Sequence[int] | None = (0, 1, 2),
-) -> ModelCard:
-    """:func:`nnunet_card_data` validated as any card file is (distinct label values, known regions)."""
-    data = nnunet_card_data(
-        plans, dataset_json, configuration, folder, folds, checkpoint, trainer, mirror_axes
-    )
-    return card_from_dict(data)
-
-
 def _check_trainer(trainer: str, where: Path) -> None:
     if not trainer.startswith(SUPPORTED_TRAINERS[0]):
         raise NnunetModelError(
@@ -559,7 +545,7 @@ def card_for_nnunet_folder(
     parts = folder.name.split("__")
     configuration = str(init_args.get("configuration") or (parts[2] if len(parts) == 3 else "3d_fullres"))
     plans, dataset_json = (_read_json(folder / n) for n in ("plans.json", "dataset.json"))
-    return card_from_nnunet(
+    return card_from_dict(nnunet_card_data(
         plans,
         dataset_json,
         configuration,
@@ -568,7 +554,7 @@ def card_for_nnunet_folder(
         name,
         trainer,
         mirror_axes=meta.get("inference_allowed_mirroring_axes"),
-    )
+    ))
 
 
 # ---------------------------------------------------------------- running a card
