@@ -31,12 +31,36 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (the headless test environment) has no translations
+
+    def _(text):
+        return text
+
+
+#: The user guide; the repository URL is EXTENSION_HOMEPAGE in CMakeLists.txt (the one place to fill it in).
+DOCUMENTATION_URL = "https://github.com/SegMambaSlicer/SegMambaSlicer/blob/main/docs/user-guide.md"
+#: Slicer 5.10 bundles Python 3.12; Slicer 5.8 and older (Python 3.9) cannot run the library.
+MINIMUM_SLICER = (5, 10)
+SUPPORTED = sys.version_info >= (3, 10)
+
 sys.path.insert(0, os.path.dirname(__file__))
 
-from SegMambaSlicerLib.errors import SegMambaError  # noqa: E402
-from SegMambaSlicerLib.models.cards import DEMO_MODEL_ID, match_channels  # noqa: E402
-from SegMambaSlicerLib.slicer import install, panels  # noqa: E402
-from SegMambaSlicerLib.slicer.install_flow import REQUESTER, InstallFlow, slicer_install_actions  # noqa: E402
+if SUPPORTED:  # the library needs Python 3.10; on an older Slicer the module says so instead of failing
+    from SegMambaSlicerLib.errors import SegMambaError
+    from SegMambaSlicerLib.models.cards import DEMO_MODEL_ID, match_channels
+    from SegMambaSlicerLib.slicer import install, panels
+    from SegMambaSlicerLib.slicer.install_flow import REQUESTER, InstallFlow, slicer_install_actions
+
+
+def unsupportedSlicerMessage(slicerVersion, pythonVersion):
+    """What the module shows on a Slicer too old for it (None when the Slicer is supported)."""
+    if tuple(pythonVersion[:2]) >= (3, 10) and tuple(slicerVersion[:2]) >= MINIMUM_SLICER:
+        return None
+    return _("SegMamba needs 3D Slicer {minimum} or newer; this is Slicer {version}. Install a current Slicer "
+             "from download.slicer.org.").format(minimum="{}.{}".format(*MINIMUM_SLICER),
+                                                  version="{}.{}".format(*slicerVersion[:2]))
 
 
 class SegMambaSlicer(ScriptedLoadableModule):
@@ -44,18 +68,19 @@ class SegMambaSlicer(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        parent.title = "SegMamba"
-        parent.categories = ["Segmentation"]
+        parent.title = _("SegMamba")
+        parent.categories = [_("Segmentation")]
         parent.contributors = ["SegMambaSlicer contributors"]
-        parent.helpText = (
+        parent.helpText = _(
             "Segment brain tumors and other structures with SegMamba, SegMamba-V2 and MambaClinix "
             "networks on this computer (GPU if available, CPU otherwise). Research use only."
-        )
-        parent.acknowledgementText = (
+        ) + f' <a href="{DOCUMENTATION_URL}">' + _("User guide") + "</a>"
+        parent.acknowledgementText = _(
             "Networks: SegMamba (Xing et al., MICCAI 2024), SegMamba-V2 (Xing et al., IEEE TMI 2025), "
             "MambaClinix (Bian et al., 2024). Reimplemented in pure PyTorch from their published descriptions."
         )
-        slicer.app.connect("startupCompleted()", registerSampleData)
+        if SUPPORTED:
+            slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerSampleData():
@@ -96,11 +121,16 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._resultNode = None
         self._install = None
         self._cudaUsable = False
+        self._kernelBuild = None
 
     # ------------------------------------------------------------------ setup and scene
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        message = unsupportedSlicerMessage((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info)
+        if message:
+            self.layout.addWidget(qt.QLabel(message))
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegMambaSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -110,11 +140,14 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     on_installed=self._refreshEnvironment)
         self.ui.inputVolumesWidget.setLayout(qt.QFormLayout())
         self.ui.volumesTable.setColumnCount(2)
-        self.ui.volumesTable.setHorizontalHeaderLabels(["Segment", "Volume (mL)"])
+        self.ui.volumesTable.setHorizontalHeaderLabels([_("Segment"), _("Volume (mL)")])
         self.ui.volumesTable.horizontalHeader().setStretchLastSection(True)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onTimer)
+        self._kernelTimer = qt.QTimer()
+        self._kernelTimer.setInterval(1000)
+        self._kernelTimer.connect("timeout()", self._onKernelTimer)
 
         self.ui.modelSelector.connect("currentIndexChanged(int)", self._onModelChanged)
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self._onDeviceChanged)
@@ -151,7 +184,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self._run is not None:
             self._run.cancel()
-            self._endRun("Cancelled: the scene was closed.")
+            self._endRun(_("Cancelled: the scene was closed."))
         self.setParameterNode(None)
         self._result = self._resultNode = None
 
@@ -189,18 +222,27 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._populateDevices(ready=not plan.needed)
 
     def _onInstallKernels(self):
-        self._install.install_kernels(self._cudaUsable)
+        self._kernelBuild = self._install.install_kernels(self._cudaUsable)
+        if self._kernelBuild is not None:  # pip runs in the background; poll it without blocking Slicer
+            self.ui.installKernelsButton.enabled = False
+            self._kernelTimer.start()
+
+    def _onKernelTimer(self):
+        if self._kernelBuild.poll() is None:
+            return
+        self._kernelTimer.stop()
+        self._install.finish_kernels(self._kernelBuild)
+        self._kernelBuild = None
+        self.ui.installKernelsButton.enabled = True
+        self._refreshEnvironment()
 
     def _populateDevices(self, ready):
         panel = panels.device_panel(ready)
         self._cudaUsable = panel.cuda_usable
-        self.ui.deviceSelector.clear()
-        for value, label in panel.choices:
-            self.ui.deviceSelector.addItem(label, value)
+        saved = self._parameterNode.device if self._parameterNode else None
+        panels.refill_combo(self.ui.deviceSelector, panel.choices, saved)
         self.ui.deviceInfoLabel.text = panel.info
         self.ui.installKernelsButton.setVisible(bool(self._install.kernel_offer(panel.cuda_usable)))
-        if self._parameterNode:
-            self._selectData(self.ui.deviceSelector, self._parameterNode.device)
 
     # ------------------------------------------------------------------ model and inputs
 
@@ -209,13 +251,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cards, warning = panels.model_cards(ready)
         if warning:
             self._log(warning)
-        wasBlocked = self.ui.modelSelector.blockSignals(True)
-        self.ui.modelSelector.clear()
-        for card in self._cards.values():
-            self.ui.modelSelector.addItem(card.display_name, card.id)
-        self.ui.modelSelector.blockSignals(wasBlocked)
-        if self._parameterNode and self._parameterNode.modelId in self._cards:
-            self._selectData(self.ui.modelSelector, self._parameterNode.modelId)
+        saved = self._parameterNode.modelId if self._parameterNode else None
+        panels.refill_combo(self.ui.modelSelector, [(c.id, c.display_name) for c in self._cards.values()], saved)
         self._onModelChanged()
 
     def _card(self):
@@ -248,7 +285,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.removeEnabled = False
             selector.showChildNodeTypes = False
             selector.setMRMLScene(slicer.mrmlScene)
-            selector.toolTip = f"Volume for the model's {channel.display_name} input."
+            selector.toolTip = _("Volume for the model's {channel} input.").format(channel=channel.display_name)
             layout.addRow(f"{channel.display_name}:", selector)
             self._inputSelectors.append(selector)
 
@@ -271,7 +308,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onLoadCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(
-            slicer.util.mainWindow(), "Load checkpoint", "", "PyTorch checkpoints (*.pt *.pth)")
+            slicer.util.mainWindow(), _("Load checkpoint"), "", _("PyTorch checkpoints") + " (*.pt *.pth)")
         if not path or not self._install.ensure():
             return
         from SegMambaSlicerLib.models.registry import import_weights
@@ -280,14 +317,14 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.WaitCursor():
                 card = import_weights(path, like=self.ui.modelSelector.currentData)
         except SegMambaError as exc:
-            self._showError(f"Cannot use {os.path.basename(path)}.", exc)
+            self._showError(_("Cannot use {file}.").format(file=os.path.basename(path)), exc)
             return
-        self._log(f"Imported {path} as model {card.id} ({card.display_name}).")
+        self._log(_("Imported {path} as model {id} ({name}).").format(path=path, id=card.id, name=card.display_name))
         self._parameterNode.modelId = card.id
         self._populateModels(ready=True)
 
     def _onLoadSample(self):
-        with slicer.util.tryWithErrorDisplay("Cannot create the sample case.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Cannot create the sample case."), waitCursor=True):
             self.logic.loadSampleCase()
         self._autoFillInputs(onlyEmpty=False)
 
@@ -296,7 +333,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onSegmentButton(self):
         if self._run is not None:
             self._run.cancel()
-            self._endRun("Cancelled.")
+            self._endRun(_("Cancelled."))
             return
         if not self._install.ensure():
             return
@@ -306,12 +343,12 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             options = panels.segment_options(self._parameterNode)
             self._run = self.logic.start(nodes, card, options, self._parameterNode.outputSegmentation)
         except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback when unexpected
-            self._showError("Cannot start the segmentation.", exc)
+            self._showError(_("Cannot start the segmentation."), exc)
             return
-        self._log(f"Segmenting {', '.join(n.GetName() for n in nodes)} with {card.display_name}…")
-        self.ui.segmentButton.text = "Cancel"
+        self._log(_("Segmenting {inputs} with {model}…").format(inputs=", ".join(n.GetName() for n in nodes), model=card.display_name))
+        self.ui.segmentButton.text = _("Cancel")
         self.ui.progressBar.value = 0
-        self.ui.progressBar.setFormat("Starting…")
+        self.ui.progressBar.setFormat(_("Starting…"))
         self._timer.start()
 
     def _onTimer(self):
@@ -330,11 +367,11 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             node, result = self.logic.finish(run)
         except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback when unexpected
-            self._endRun("Failed.")
-            self._showError("Segmentation failed.", exc)
+            self._endRun(_("Failed."))
+            self._showError(_("Segmentation failed."), exc)
             return
         for warning in result.warnings:
-            self._log(f"Warning: {warning}")
+            self._log(_("Warning: {warning}").format(warning=warning))
         self._endRun(panels.finished_status(result))
         self._parameterNode.outputSegmentation = node
         self._showResult(node, result, run.input_nodes[0])
@@ -342,7 +379,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _endRun(self, status):
         self._timer.stop()
         self._run = None
-        self.ui.segmentButton.text = "Segment"
+        self.ui.segmentButton.text = _("Segment")
         self.ui.progressBar.setFormat(status)
         self.ui.statusLabel.text = status
         self._log(status)
@@ -463,6 +500,13 @@ class SegMambaSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from SegMambaSlicerLib.slicer.self_test import skip_reason
+
+        reason = skip_reason()
+        if reason:
+            logging.info(reason)
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_logic_writes_named_segments_and_volumes()
         self.setUp()

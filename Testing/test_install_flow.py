@@ -8,6 +8,8 @@ real one would; every test asserts the exact sequence of actions.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +19,18 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from SegMambaSlicerLib.errors import SegMambaError
-from SegMambaSlicerLib.slicer.install import describe_plan, plan_install
-from SegMambaSlicerLib.slicer.install_flow import InstallActions, InstallFlow, constraints_file
+from SegMambaSlicerLib.slicer.install import (
+    describe_missing,
+    describe_plan,
+    missing_build_tools,
+    plan_install,
+)
+from SegMambaSlicerLib.slicer.install_flow import (
+    InstallActions,
+    InstallFlow,
+    KernelPreference,
+    constraints_file,
+)
 
 CORE = [Requirement(r) for r in ("torch>=2.1", "numpy>=1.24", "scipy>=1.10", "monai>=1.3")]
 SLICER_OWN = {"numpy": "2.0.2", "simpleitk": "2.4.0", "vtk": "9.2.0", "requests": "2.31.0"}
@@ -50,10 +62,10 @@ class FakeSlicer:
             log=lambda text: self.calls.append(("log", text)),
             show_error=lambda message, exc: self.calls.append(("error", message, exc)))
 
-    def flow(self, platform: str = "linux") -> InstallFlow:
+    def flow(self, platform: str = "linux", machine: str = "x86_64") -> InstallFlow:
         return InstallFlow(self.actions(), on_installed=lambda: self.calls.append(("refresh",)),
                            requirements=lambda: list(CORE), installed=self._versions,
-                           imported=lambda: {"numpy", "scipy"}, platform=platform)
+                           imported=lambda: {"numpy", "scipy"}, platform=platform, machine=machine)
 
     def _versions(self, names: Iterable[str]) -> dict[str, str | None]:
         return {canonicalize_name(n): self.installed.get(canonicalize_name(n)) for n in names}
@@ -188,10 +200,9 @@ def test_skipped_packages_are_logged() -> None:
     assert ("log", "Left to Slicer: numpy>=1.24") in fake.calls
 
 
-@pytest.mark.parametrize("failing", ["pip_ensure", "pip_install"])
-def test_a_failed_pip_is_shown_once_the_constraints_file_is_removed_and_nothing_is_refreshed(failing: str) -> None:
-    fake = fresh(version=(5, 12) if failing == "pip_ensure" else (5, 10))
-    fake.fail_on = failing
+def test_a_failed_pip_is_shown_once_the_constraints_file_is_removed_and_nothing_is_refreshed() -> None:
+    fake = fresh(version=(5, 10))
+    fake.fail_on = "pip_install"
     assert fake.flow().ensure() is False
     error = fake.calls[-1]
     assert error[:2] == ("error", "Installing the Python packages failed. See the log for pip's output.")
@@ -199,6 +210,28 @@ def test_a_failed_pip_is_shown_once_the_constraints_file_is_removed_and_nothing_
     assert fake.calls[-2] == ("idle",)  # the wait cursor is gone before the error shows
     assert ("refresh",) not in fake.calls and ("log", "Python packages installed.") not in fake.calls
     assert len(fake.constraint_paths) == 1 and not fake.constraint_paths[0].exists()
+
+
+def test_a_failed_pip_on_slicer_512_is_not_shown_a_second_time() -> None:
+    """slicer.packaging shows its own dialog with pip's log before raising: the flow only logs."""
+    fake = fresh(version=(5, 12))
+    fake.fail_on = "pip_ensure"
+    assert fake.flow().ensure() is False
+    assert not [c for c in fake.calls if c[0] == "error"]
+    assert fake.calls[-2:] == [("idle",), ("log", "Installing the Python packages failed (Command '['pip', "
+                                           "'install']' returned non-zero exit status 1.); Slicer showed pip's log.")]
+    assert ("refresh",) not in fake.calls and not fake.constraint_paths[0].exists()
+
+
+def test_intel_macs_are_told_why_nothing_is_installed() -> None:
+    fake = fresh()
+    assert fake.flow(platform="darwin", machine="x86_64").ensure() is False
+    assert [c[0] for c in fake.calls] == ["error"] and "Intel Macs" in str(fake.calls[0][2])
+    plan = fake.flow(platform="darwin", machine="x86_64").plan()
+    assert describe_missing(plan) == plan.blocked and "NumPy 1.x" in plan.blocked
+    assert not fake.flow(platform="darwin", machine="arm64").plan().blocked
+    fake.installed["torch"] = "2.2.2"  # installed by hand with a NumPy that suits it: used as it is
+    assert not fake.flow(platform="darwin", machine="x86_64").plan().blocked
 
 
 def test_the_pytorch_extension_failing_stops_before_the_other_packages() -> None:
@@ -217,41 +250,66 @@ def test_ensure_is_false_when_the_packages_are_still_missing_afterwards() -> Non
     assert fake.calls[-1] == ("refresh",)
 
 
-def test_fused_kernels_are_offered_only_with_cuda_on_linux_and_only_when_missing() -> None:
-    fake = FakeSlicer({**SLICER_OWN, "torch": "2.5.1", "mamba-ssm": None, "causal-conv1d": "1.4.0"})
-    assert fake.flow().kernel_offer(cuda_usable=True) == ("mamba-ssm",)
-    assert fake.flow().kernel_offer(cuda_usable=False) == ()
-    assert fake.flow(platform="win32").kernel_offer(cuda_usable=True) == ()
-    fake.flow().install_kernels(cuda_usable=False)
-    assert fake.calls == []
+def _kernel_flow(fake: FakeSlicer, tmp_path: Path, script: str = "print('built')", missing: tuple[str, ...] = (),
+                 platform: str = "linux") -> InstallFlow:
+    """The flow with a real background process standing in for pip (``script`` runs instead)."""
+
+    def launch(arguments: list[str], log) -> subprocess.Popen[bytes]:  # noqa: ANN001 - a binary file
+        fake.calls.append(("launch", ["-c", fake._seen(arguments[1]), *arguments[2:]]))
+        return subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT)
+
+    flow = fake.flow(platform=platform)
+    flow.launch_pip, flow.build_tools = launch, lambda: missing
+    flow.kernel_preference = KernelPreference(tmp_path / "settings.json")
+    return flow
 
 
-def test_fused_kernels_build_against_the_pinned_torch_and_offer_a_restart() -> None:
+def test_fused_kernels_are_offered_only_with_cuda_on_linux_only_when_missing_and_not_after_never(tmp_path) -> None:
+    fake = FakeSlicer({**SLICER_OWN, "torch": "2.5.1", "mamba-ssm": None, "causal-conv1d": "1.4.0"}, confirm=False)
+    assert _kernel_flow(fake, tmp_path).kernel_offer(cuda_usable=True) == ("mamba-ssm",)
+    assert _kernel_flow(fake, tmp_path).kernel_offer(cuda_usable=False) == ()
+    assert _kernel_flow(fake, tmp_path, platform="win32").kernel_offer(cuda_usable=True) == ()
+    assert _kernel_flow(fake, tmp_path).install_kernels(cuda_usable=False) is None and fake.calls == []
+    assert _kernel_flow(fake, tmp_path).install_kernels(cuda_usable=True) is None  # declined, then "never"
+    assert [c[0] for c in fake.calls] == ["confirm", "ask"] and "Never offer" in fake.calls[1][1]
+    assert _kernel_flow(fake, tmp_path).kernel_offer(cuda_usable=True) == ()  # remembered for good
+
+
+def test_fused_kernels_install_in_the_background_against_the_pinned_torch(tmp_path) -> None:
     fake = FakeSlicer({**SLICER_OWN, "torch": "2.5.1", "scipy": "1.14.0", "monai": "1.4.0"})
-    fake.flow().install_kernels(cuda_usable=True)
-    assert fake.calls[0][0] == "confirm" and fake.calls[0][1].startswith(KERNELS)
-    assert fake.calls[0][2] == "SegMamba: fast GPU kernels"
-    assert fake.calls[1:] == [
-        ("busy",),
-        ("pip_install", ["-c", CONSTRAINTS, "--no-build-isolation", "mamba-ssm", "causal-conv1d"]),
-        ("idle",),
-        ("ask", "Restart Slicer now to use the fused kernels?"),
-        ("restart",),
-    ]
-    assert "torch==2.5.1" in fake.constraints[0].splitlines()
+    flow = _kernel_flow(fake, tmp_path, "import time; time.sleep(1); print('Successfully installed mamba-ssm')",
+                        missing=("the CUDA toolkit (nvcc)",))
+    build = flow.install_kernels(cuda_usable=True)
+    assert build is not None and build.poll() is None  # returned at once: pip still runs, Slicer stays usable
+    question = fake.calls[0][1]
+    assert fake.calls[0][2] == "SegMamba: fast GPU kernels" and question.startswith(KERNELS)
+    assert "lacks the CUDA toolkit (nvcc), so a build from source would fail here" in question
+    assert fake.calls[2] == ("launch", ["-c", CONSTRAINTS, "--no-build-isolation", "mamba-ssm", "causal-conv1d"])
+    assert "torch==2.5.1" in fake.constraints[0].splitlines() and fake.constraint_paths[0].exists()
+    flow.finish_kernels(build)
+    assert fake.calls[3:] == [("log", "Successfully installed mamba-ssm"),
+                              ("ask", "The fused kernels are installed. Restart Slicer now to use them?"),
+                              ("restart",)]
     assert not fake.constraint_paths[0].exists()
 
 
-def test_fused_kernels_declined_or_failing() -> None:
-    declined = FakeSlicer({**SLICER_OWN, "torch": "2.5.1"}, confirm=False)
-    declined.flow().install_kernels(cuda_usable=True)
-    assert [c[0] for c in declined.calls] == ["confirm"]
-    failing = FakeSlicer({**SLICER_OWN, "torch": "2.5.1"})
-    failing.fail_on = "pip_install"
-    failing.flow().install_kernels(cuda_usable=True)
-    assert [c[0] for c in failing.calls] == ["confirm", "busy", "pip_install", "idle", "error"]
-    assert failing.calls[-1][1] == "Installing the fused kernels failed; the pure PyTorch scan is used."
-    assert not failing.constraint_paths[0].exists()
+def test_a_failed_kernel_build_is_shown_with_pips_output_and_no_restart(tmp_path) -> None:
+    fake = FakeSlicer({**SLICER_OWN, "torch": "2.5.1"})
+    flow = _kernel_flow(fake, tmp_path, "import sys; print('error: nvcc was not found'); sys.exit(1)")
+    flow.finish_kernels(flow.install_kernels(cuda_usable=True))
+    assert [c[0] for c in fake.calls] == ["confirm", "log", "launch", "log", "error"]
+    assert fake.calls[-1][1] == "Installing the fused kernels failed; the pure PyTorch scan is used."
+    assert "nvcc was not found" in fake.calls[-1][2].output and not fake.constraint_paths[0].exists()
+
+
+def test_build_tools_are_looked_for_on_the_path_and_in_cuda_home(tmp_path) -> None:
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("")
+    nothing = lambda name: None  # noqa: E731
+    assert missing_build_tools(nothing, {}) == ("the CUDA toolkit (nvcc)", "a C++ compiler")
+    assert missing_build_tools(lambda name: "/usr/bin/g++" if name == "g++" else None,
+                               {"CUDA_HOME": str(tmp_path / "cuda")}) == ()
 
 
 def test_constraints_file_holds_the_pins_and_is_removed_even_when_the_body_raises() -> None:

@@ -17,6 +17,7 @@ from SegMambaSlicerLib.slicer.panels import (
     finished_status,
     model_cards,
     model_info_text,
+    refill_combo,
     segment_options,
 )
 
@@ -102,3 +103,56 @@ def test_finished_status_counts_windows_and_points_to_warnings() -> None:
     result = dataclasses.replace(result, windows=8, warnings=("t1n has no contrast", "NaN voxels"))
     assert finished_status(result) == (
         "Done in 12 s on cuda:0 (8 windows). 2 warning(s) about the inputs: see the log.")
+
+
+class _QtLikeCombo:
+    """Behaves as qt.QComboBox does for these calls: clear() and addItem() change the current index and
+    emit currentIndexChanged unless signals are blocked; listeners are the widget's slots."""
+
+    def __init__(self, items: list[tuple[str, str]], current: int, listener) -> None:
+        self.items, self.current, self.listener, self.blocked = list(items), current, listener, False
+
+    def blockSignals(self, block: bool) -> bool:
+        was, self.blocked = self.blocked, block
+        return was
+
+    def _set(self, index: int) -> None:
+        if index != self.current:
+            self.current = index
+            if not self.blocked:
+                self.listener(self.currentData)
+
+    @property
+    def currentData(self):
+        return self.items[self.current][0] if 0 <= self.current < len(self.items) else None
+
+    def clear(self) -> None:
+        self.items = []
+        self._set(-1)
+
+    def addItem(self, text: str, userData: object) -> None:
+        self.items.append((userData, text))
+        if self.current < 0:
+            self._set(0)
+
+    def findData(self, data: object) -> int:
+        return next((i for i, (value, _) in enumerate(self.items) if value == data), -1)
+
+    def setCurrentIndex(self, index: int) -> None:
+        self._set(index)
+
+
+def test_refilling_the_device_selector_keeps_the_saved_choice() -> None:
+    """The saved device ("cuda:0") survives the refill at start-up; without blocking it became "auto"."""
+    saved = {"device": "cuda:0"}
+
+    def on_device_changed(value: object) -> None:  # what the widget's slot does
+        if value:
+            saved["device"] = value
+
+    choices = [("auto", "Automatic"), ("cpu", "CPU"), ("cuda:0", "GPU 0")]
+    combo = _QtLikeCombo(choices, 2, on_device_changed)
+    refill_combo(combo, choices, saved["device"])
+    assert saved == {"device": "cuda:0"} and combo.currentData == "cuda:0" and not combo.blocked
+    refill_combo(combo, [("auto", "Automatic"), ("cpu", "CPU")], saved["device"])  # the GPU went away
+    assert saved == {"device": "cuda:0"} and combo.currentData == "auto"

@@ -186,3 +186,31 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
         segment(
             [bad], toy_card(channels=1, labels=1), CPU, network=PointwiseNet(np.zeros((2, 1)), np.zeros(2))
         )
+
+
+def test_an_operation_apple_gpus_lack_falls_back_to_the_cpu_with_a_message() -> None:
+    """MPS misses some 3-D operations: the run is redone on the CPU and the user is told, never a crash."""
+    import torch
+    from SegMambaSlicerLib.engine.devices import run_with_cpu_fallback
+    from SegMambaSlicerLib.errors import CancelledError
+
+    def run(device: torch.device) -> str:
+        if device.type == "mps":
+            raise NotImplementedError("The operator 'aten::max_pool3d_with_indices' is not implemented for MPS")
+        return f"logits on {device}"
+
+    assert run_with_cpu_fallback(run, torch.device("cpu")) == ("logits on cpu", None)
+    result, message = run_with_cpu_fallback(run, torch.device("mps"))
+    assert result == "logits on cpu" and "max_pool3d" in message and "ran on the CPU instead" in message
+
+    def fails_everywhere(device: torch.device) -> str:
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # other devices: the error is the user's to see
+        run_with_cpu_fallback(fails_everywhere, torch.device("cuda"))
+
+    def cancelled(device: torch.device) -> str:
+        raise CancelledError("Segmentation cancelled.")
+
+    with pytest.raises(CancelledError):  # a cancel is not a device failure
+        run_with_cpu_fallback(cancelled, torch.device("mps"))

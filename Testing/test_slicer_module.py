@@ -147,3 +147,34 @@ def test_module_imports_cleanly_inside_slicer() -> None:
     pytest.importorskip("slicer.ScriptedLoadableModule", reason="needs the 3D Slicer application")
     module = _load("SegMambaSlicerImportCheck")
     assert issubclass(module.SegMambaSlicerTest, unittest.TestCase)
+
+
+def test_self_test_skips_with_a_clear_line_where_torch_is_absent(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Extension build machines run self-tests without torch: the test says so and passes, runs nothing."""
+    import importlib.util as importlib_util
+    import logging
+
+    module = _import_module_file(monkeypatch)
+    real_find_spec = importlib_util.find_spec
+    monkeypatch.setattr(importlib_util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    test = module.SegMambaSlicerTest("runTest")
+    shown = []
+    monkeypatch.setattr(test, "delayDisplay", shown.append)
+
+    def must_not_run() -> None:
+        raise AssertionError("a check ran without torch")
+
+    monkeypatch.setattr(test, "test_logic_writes_named_segments_and_volumes", must_not_run)
+    monkeypatch.setattr(test, "test_background_worker_matches_in_process_run", must_not_run)
+    with caplog.at_level(logging.INFO):
+        test.runTest()
+    assert len(shown) == 1 and "skipped: PyTorch is not installed" in shown[0]
+    assert shown[0] in caplog.text
+
+
+def test_an_old_slicer_is_told_to_upgrade_instead_of_failing_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _import_module_file(monkeypatch)
+    message = module.unsupportedSlicerMessage((5, 8), (3, 9, 10))
+    assert "needs 3D Slicer 5.10 or newer; this is Slicer 5.8" in message
+    assert module.unsupportedSlicerMessage((5, 10), (3, 12, 10)) is None
+    assert module.unsupportedSlicerMessage((5, 12), (3, 12, 10)) is None

@@ -53,3 +53,25 @@ def test_only_the_slicer_layer_imports_slicer_and_nothing_in_the_lib_imports_qt(
         if _imports(p) & ({"qt", "ctk"} | ({"slicer", "vtk"} if p.parent.name != "slicer" else set()))
     }
     assert not offenders, offenders
+
+
+def test_module_file_parses_on_the_python_of_old_slicers_so_it_can_say_it_is_too_old() -> None:
+    """Slicer 5.8 runs Python 3.9: the module must parse there and report the Slicer version itself."""
+    ast.parse((MODULE / "SegMambaSlicer.py").read_text(encoding="utf-8"), feature_version=(3, 9))
+
+
+def test_catalogue_urls_come_from_one_repository_url_that_exists_in_the_checkout() -> None:
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    repository = re.search(r'set\(SEGMAMBA_REPOSITORY "([^"]+)"\)', text).group(1)
+    urls = dict(re.findall(r'set\((EXTENSION_\w+URLS?|EXTENSION_HOMEPAGE) "([^"]+)"\)', text))
+    assert set(urls) == {"EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"}
+    for url in urls.values():
+        assert url.startswith("${SEGMAMBA_REPOSITORY}")
+        tail = url.removeprefix("${SEGMAMBA_REPOSITORY}").removeprefix("/raw/main/")
+        assert not tail or (ROOT / tail).is_file(), url  # icon and screenshot are files of this repository
+    module = (MODULE / "SegMambaSlicer.py").read_text(encoding="utf-8")
+    documentation = re.search(r'DOCUMENTATION_URL = "([^"]+)"', module).group(1)
+    assert documentation.startswith(repository + "/blob/main/")
+    assert (ROOT / documentation.removeprefix(repository + "/blob/main/")).is_file()
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")

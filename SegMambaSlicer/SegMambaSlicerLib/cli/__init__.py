@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
+    if sys.platform == "darwin":  # read when PyTorch loads: MPS lacks some 3-D operations, the CPU does them
+        os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     previous = signal.getsignal(signal.SIGTERM)
     handle_sigterm()
     try:

@@ -9,11 +9,14 @@ import functools
 import logging
 import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
-from ..errors import DeviceError
+from ..errors import DeviceError, SegMambaError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,9 +48,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
 
 
+T = TypeVar("T")
+
+
+def run_with_cpu_fallback(run: Callable[[torch.device], T], device: torch.device) -> tuple[T, str | None]:
+    """``run(device)``; on Apple's GPU (MPS), an operation it lacks makes ``run`` retry on the CPU.
+
+    MPS misses some 3-D operations; ``PYTORCH_ENABLE_MPS_FALLBACK=1`` (set by the command line and the
+    worker) covers most, and this covers the rest, so a Mac user gets a result instead of a crash. The
+    second value says what happened, for the user; None when ``device`` did the work.
+    """
+    try:
+        return run(device), None
+    except (NotImplementedError, RuntimeError) as exc:
+        if device.type != "mps" or isinstance(exc, SegMambaError):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("MPS failed (%s); running on the CPU", reason)
+        message = (f"The Apple GPU (MPS) could not run this network ({reason}); it ran on the CPU instead, "
+                   "which is slower.")
+        return run(torch.device("cpu")), message
+
+
 # ------------------------------------------------------------------ CPU memory reuse
 
-log = logging.getLogger(__name__)
 
 # glibc mallopt parameters and their documented defaults (mallopt(3)).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4

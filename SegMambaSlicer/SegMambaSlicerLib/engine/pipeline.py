@@ -23,7 +23,7 @@ from ..errors import CancelCallback, CancelledError, ModelCardError, ProgressCal
 from ..io.geometry import resample_onto, stack_channels
 from ..io.images import ImageSource, read_image, resolve_inputs
 from ..models.cards import ModelCard
-from .devices import resolve_device
+from .devices import resolve_device, run_with_cpu_fallback
 from .inference import WindowSettings, count_windows, predict_logits
 from .inputs import channel_warnings, check_contrast
 from .recipes import recipe_for
@@ -167,15 +167,15 @@ def segment(
     _check_cancel(cancel)
 
     report(0.0, "running the network")
-    logits = predict_logits(
-        network,
-        torch.from_numpy(net_input)[None],
-        settings,
-        device,
-        options.mixed_precision,
-        progress,
-        cancel,
-    )
+    image = torch.from_numpy(net_input)[None]
+
+    def run(on: torch.device) -> torch.Tensor:
+        return predict_logits(network.to(on), image, settings, on, options.mixed_precision, progress, cancel)
+
+    logits, fallback = run_with_cpu_fallback(run, device)
+    if fallback:
+        warnings.append(fallback)
+        device = torch.device("cpu")
     _check_outputs(logits, card)
     full = restore(logits[0].numpy())
     labelmap = sitk.GetImageFromArray(np.ascontiguousarray(full))

@@ -19,7 +19,9 @@ This module imports neither Qt, slicer nor torch.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Collection, Iterable, Mapping
+import os
+import shutil
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +127,8 @@ class InstallPlan:
     skip_packages: tuple[str, ...]
     left_alone: tuple[str, ...]
     restart_needed: bool
+    #: Why the packages cannot be installed on this computer at all ("" when they can).
+    blocked: str = ""
 
     @property
     def needed(self) -> bool:
@@ -146,19 +150,41 @@ def pinned(installed: Mapping[str, str | None], names: Iterable[str]) -> tuple[s
     return tuple(lines)
 
 
+#: Intel Macs: PyTorch's last build (2.2) needs NumPy 1.x, and Slicer 5.10+ ships NumPy 2.
+INTEL_MAC = (
+    "PyTorch stopped publishing builds for Intel Macs at version 2.2, which needs NumPy 1.x, while Slicer "
+    "5.10 and later ship NumPy 2; replacing Slicer's NumPy could break Slicer itself, so SegMamba does not "
+    "install PyTorch here. Use an Apple Silicon Mac, Windows or Linux, or run the segmamba-slicer command "
+    "in a separate Python environment (docs/user-guide.md, Troubleshooting)."
+)
+
+
+def platform_problem(platform: str, machine: str, torch_installed: bool) -> str:
+    """Why PyTorch cannot be installed into Slicer on this computer ("" when it can).
+
+    Only Intel Macs are refused, and only when no PyTorch is there yet: a PyTorch the user installed by
+    hand (with a NumPy that suits it) is used as it is.
+    """
+    if platform == "darwin" and machine.lower() in ("x86_64", "amd64", "i386") and not torch_installed:
+        return INTEL_MAC
+    return ""
+
+
 def plan_install(
     requirements: Iterable[Requirement],
     installed: Mapping[str, str | None],
     slicer_version: tuple[int, int],
     pytorch_extension: bool,
     imported: Collection[str] = (),
+    machine: tuple[str, str] = ("", ""),
 ) -> InstallPlan:
     """Decide the installation for the unmet ``requirements``.
 
     ``installed`` maps canonical distribution names to versions (see :func:`installed_versions`);
     ``imported`` holds the top-level module names already imported in Slicer (``sys.modules``): an
     upgrade of one of those only takes effect after a restart. Protected packages are never
-    installed; an unmet protected requirement is reported in ``left_alone`` instead.
+    installed; an unmet protected requirement is reported in ``left_alone`` instead. ``machine`` is
+    (``sys.platform``, ``platform.machine()``); computers PyTorch cannot be installed on get ``blocked``.
     """
     protected = {canonicalize_name(n) for n in PROTECTED}
     torch, packages, left_alone, restart = None, [], [], False
@@ -185,6 +211,7 @@ def plan_install(
         skip_packages=PROTECTED,
         left_alone=tuple(left_alone),
         restart_needed=restart,
+        blocked=platform_problem(*machine, torch_installed=installed.get(TORCH) is not None),
     )
 
 
@@ -206,8 +233,36 @@ def fused_kernel_offer(cuda_usable: bool, platform: str, installed: Mapping[str,
     return tuple(name for name in FUSED_KERNELS if installed.get(canonicalize_name(name)) is None)
 
 
+def missing_build_tools(which: Callable[[str], str | None] = shutil.which,
+                        environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """What a source build of the fused kernels needs and this computer lacks: nvcc and a C++ compiler.
+
+    pip takes a prebuilt wheel of mamba-ssm/causal-conv1d when one matches the installed PyTorch and
+    CUDA; otherwise it compiles them, which fails without the CUDA toolkit's nvcc or a C++ compiler.
+    """
+    cuda_home = environ.get("CUDA_HOME") or environ.get("CUDA_PATH")
+    has_nvcc = which("nvcc") is not None or bool(cuda_home and Path(cuda_home, "bin", "nvcc").is_file())
+    has_compiler = any(which(name) is not None for name in ("c++", "g++", "clang++"))
+    return tuple(tool for tool, ok in (("the CUDA toolkit (nvcc)", has_nvcc), ("a C++ compiler", has_compiler))
+                 if not ok)
+
+
+def describe_kernel_offer(offer: Iterable[str], missing_tools: Iterable[str]) -> str:
+    """The question before the fused-kernel install, saying when a source build would be needed."""
+    text = (f"Install the optional fused CUDA kernels {', '.join(offer)}? They make the selective scan faster "
+            "on NVIDIA GPUs; segmentation works without them. pip uses prebuilt wheels when some match this "
+            "PyTorch and CUDA; otherwise it compiles the kernels, which can take a long time.")
+    missing = list(missing_tools)
+    if missing:
+        text += (f" This computer lacks {' and '.join(missing)}, so a build from source would fail here: "
+                 "install only if you know prebuilt wheels exist for your PyTorch and CUDA.")
+    return text + " Slicer stays usable while they install."
+
+
 def describe_missing(plan: InstallPlan) -> str:
     """The banner line shown while packages are missing (the install button sits under it)."""
+    if plan.blocked:
+        return plan.blocked
     return ("SegMamba needs Python packages that are not installed yet: "
             + ", ".join(filter(None, [plan.torch, *plan.packages])) + ".")
 

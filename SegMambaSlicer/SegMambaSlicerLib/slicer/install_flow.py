@@ -17,15 +17,22 @@ tests build recording fakes. This module imports neither Qt nor slicer.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import platform as platform_module
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from ..errors import SegMambaError
+from ..io.atomic import OutputError, write_text_atomic
+from ..models.cache import cache_dir
 from . import install
 from .install import InstallPlan
 
@@ -34,10 +41,7 @@ if TYPE_CHECKING:
 
 #: Window titles and slicer.packaging's ``requester``: who asks the user.
 REQUESTER = "SegMamba"
-_KERNELS_QUESTION = (
-    "Install the optional fused CUDA kernels {}? They compile against the installed PyTorch and need the "
-    "CUDA toolkit; this can take a long time. Segmentation works without them."
-)
+_DECLINED_KERNELS = "fused_kernels_declined"
 
 
 @dataclass(frozen=True)
@@ -62,21 +66,81 @@ class InstallActions:
     show_error: Callable[[str, Exception], None]  # the module's error dialog (called inside ``except``)
 
 
+class _ShownBySlicer(Exception):
+    """pip failed inside ``slicer.packaging``, which has already shown its own dialog with pip's log."""
+
+
 def _imported_top_level_modules() -> set[str]:
     """Top-level names of the modules this Python has imported (an upgrade of one needs a restart)."""
     return {name.split(".")[0] for name in sys.modules}
 
 
+def _write_constraints(plan: InstallPlan) -> str:
+    """A new temporary pip constraints file pinning what Slicer has (``plan.constraints``); its path."""
+    handle, path = tempfile.mkstemp(prefix="segmamba-constraints-", suffix=".txt")
+    with os.fdopen(handle, "w") as stream:
+        stream.write("\n".join(plan.constraints) + "\n")
+    return path
+
+
 @contextmanager
 def constraints_file(plan: InstallPlan) -> Iterator[str]:
     """A temporary pip constraints file pinning what Slicer has (``plan.constraints``); always removed."""
-    handle, path = tempfile.mkstemp(prefix="segmamba-constraints-", suffix=".txt")
+    path = _write_constraints(plan)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write("\n".join(plan.constraints) + "\n")
         yield path
     finally:
         os.remove(path)
+
+
+def launch_pip(arguments: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """``pip install ARGUMENTS`` in Slicer's Python as a background process writing to ``log``."""
+    from ..run.worker import python_executable
+
+    return subprocess.Popen([python_executable(), "-m", "pip", "install", *arguments], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@dataclass
+class KernelBuild:
+    """A fused-kernel install running in the background; the constraints file lives until it ends."""
+
+    process: subprocess.Popen[bytes]
+    constraints: str
+    log: IO[bytes]
+
+    def poll(self) -> int | None:
+        """The exit code once pip has ended, else None (never blocks)."""
+        return self.process.poll()
+
+    def finish(self, tail_lines: int = 40) -> tuple[int, str]:
+        """Wait for the end, remove the constraints file; (exit code, the last lines of pip's output)."""
+        code = self.process.wait()
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.constraints)
+        lines = output.decode("utf-8", errors="replace").splitlines()
+        return code, "\n".join(lines[-tail_lines:])
+
+
+@dataclass
+class KernelPreference:
+    """Whether the user declined the fused kernels for good, kept in the cache folder between sessions."""
+
+    path: Path = field(default_factory=lambda: cache_dir() / "slicer-settings.json")
+
+    def declined_for_good(self) -> bool:
+        try:
+            return bool(json.loads(self.path.read_text(encoding="utf-8")).get(_DECLINED_KERNELS))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def decline_for_good(self) -> None:
+        """Remember the refusal; an unwritable cache only means being asked again next time."""
+        with contextlib.suppress(OutputError):
+            write_text_atomic(self.path, json.dumps({_DECLINED_KERNELS: True}), what="module settings")
 
 
 @dataclass
@@ -93,6 +157,11 @@ class InstallFlow:
     installed: Callable[[Iterable[str]], Mapping[str, str | None]] = install.installed_versions
     imported: Callable[[], Collection[str]] = _imported_top_level_modules
     platform: str = field(default_factory=lambda: sys.platform)
+    machine: str = field(default_factory=platform_module.machine)
+    build_tools: Callable[[], tuple[str, ...]] = install.missing_build_tools
+    launch_pip: Callable[[list[str], IO[bytes]], subprocess.Popen[bytes]] = field(
+        default_factory=lambda: launch_pip)
+    kernel_preference: KernelPreference = field(default_factory=lambda: KernelPreference())
 
     def plan(self) -> InstallPlan:
         """The plan for this Python now (re-read after each step, since each changes what is installed)."""
@@ -100,13 +169,17 @@ class InstallFlow:
         names = [r.name for r in requirements] + [*install.PROTECTED, install.TORCH]
         return install.plan_install(
             requirements, self.installed(names), self.actions.slicer_version(),
-            pytorch_extension=self.actions.has_pytorch_extension(), imported=self.imported())
+            pytorch_extension=self.actions.has_pytorch_extension(), imported=self.imported(),
+            machine=(self.platform, self.machine))
 
     def ensure(self) -> bool:
         """Ask once, then install torch and the other requirements; True when everything is in place."""
         plan = self.plan()
         if not plan.needed:
             return True
+        if plan.blocked:
+            self.actions.show_error("SegMamba cannot install PyTorch on this computer.", SegMambaError(plan.blocked))
+            return False
         description = install.describe_plan(plan)
         if not self.actions.confirm(description, f"{REQUESTER}: install packages"):
             self.actions.log("Package installation declined; segmentation needs these packages.")
@@ -119,6 +192,9 @@ class InstallFlow:
                     plan = self.plan()  # pins the torch just installed
                 if plan.packages:
                     self._install_packages(plan)
+        except _ShownBySlicer as exc:
+            self.actions.log(f"Installing the Python packages failed ({exc.__cause__}); Slicer showed pip's log.")
+            return False
         except Exception as exc:  # noqa: BLE001 - pip and PyTorchUtils raise many kinds; all are shown
             self.actions.show_error("Installing the Python packages failed. See the log for pip's output.", exc)
             return False
@@ -131,24 +207,49 @@ class InstallFlow:
 
     def kernel_offer(self, cuda_usable: bool) -> tuple[str, ...]:
         """The fused-kernel packages worth offering on this computer (empty: hide the button)."""
+        if self.kernel_preference.declined_for_good():
+            return ()
         installed = self.installed(install.FUSED_KERNELS)
         return install.fused_kernel_offer(cuda_usable, self.platform, installed)
 
-    def install_kernels(self, cuda_usable: bool) -> None:
-        """Offer the fused kernels; on yes, pip-install them against the pinned torch and offer a restart."""
+    def install_kernels(self, cuda_usable: bool) -> KernelBuild | None:
+        """Offer the fused kernels; on yes, start pip in the background against the pinned torch.
+
+        The build can take many minutes, so it runs in its own process and Slicer stays usable; the
+        widget polls the returned build and calls :meth:`finish_kernels`. On no, the user may decline
+        for good, and the button is not shown again.
+        """
         offer = self.kernel_offer(cuda_usable)
-        if not offer or not self.actions.confirm(_KERNELS_QUESTION.format(", ".join(offer)),
-                                                 f"{REQUESTER}: fast GPU kernels"):
+        if not offer:
+            return None
+        question = install.describe_kernel_offer(offer, self.build_tools())
+        if not self.actions.confirm(question, f"{REQUESTER}: fast GPU kernels"):
+            if self.actions.ask_yes_no("Never offer the fused kernels again? (The PyTorch scan is used.)"):
+                self.kernel_preference.decline_for_good()
+            return None
+        constraints = _write_constraints(self.plan())
+        arguments = install.pip_install_arguments(offer, constraints, install.FUSED_KERNEL_PIP_OPTIONS)
+        self.actions.log("Installing the fused kernels in the background: pip install " + " ".join(arguments))
+        log = tempfile.TemporaryFile()
+        try:
+            return KernelBuild(self.launch_pip(arguments, log), constraints, log)
+        except OSError as exc:
+            log.close()
+            os.remove(constraints)
+            self.actions.show_error("Installing the fused kernels failed; the pure PyTorch scan is used.", exc)
+            return None
+
+    def finish_kernels(self, build: KernelBuild) -> None:
+        """After the background build: offer the restart, or show why it failed (the scan stays usable)."""
+        code, output = build.finish()
+        if output:
+            self.actions.log(output)
+        if code == 0:
+            if self.actions.ask_yes_no("The fused kernels are installed. Restart Slicer now to use them?"):
+                self.actions.restart()
             return
-        with constraints_file(self.plan()) as constraints:
-            try:
-                with self.actions.busy():
-                    self.actions.pip_install(install.pip_install_arguments(
-                        offer, constraints, install.FUSED_KERNEL_PIP_OPTIONS))
-                if self.actions.ask_yes_no("Restart Slicer now to use the fused kernels?"):
-                    self.actions.restart()
-            except Exception as exc:  # noqa: BLE001 - a failed build must leave the pure PyTorch scan usable
-                self.actions.show_error("Installing the fused kernels failed; the pure PyTorch scan is used.", exc)
+        error = subprocess.CalledProcessError(code, "pip install", output)
+        self.actions.show_error("Installing the fused kernels failed; the pure PyTorch scan is used.", error)
 
     def _install_torch(self, plan: InstallPlan) -> None:
         self.actions.log(f"Installing PyTorch ({plan.torch}) with the {plan.torch_installer}…")
@@ -162,7 +263,11 @@ class InstallFlow:
         self.actions.log("Installing " + ", ".join(plan.packages) + " (keeping " + ", ".join(plan.constraints) + ")…")
         with constraints_file(plan) as constraints:
             if plan.installer == install.PACKAGING_INSTALLER:
-                skipped = self.actions.pip_ensure(list(plan.packages), constraints, list(plan.skip_packages), REQUESTER)
+                try:
+                    skipped = self.actions.pip_ensure(list(plan.packages), constraints, list(plan.skip_packages),
+                                                      REQUESTER)
+                except subprocess.CalledProcessError as exc:  # slicer.packaging showed its dialog with the log
+                    raise _ShownBySlicer() from exc
                 if skipped:
                     self.actions.log("Left to Slicer: " + ", ".join(skipped))
             else:

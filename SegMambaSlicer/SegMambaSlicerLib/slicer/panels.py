@@ -7,7 +7,7 @@ functions, so the module opens (and offers the install) before PyTorch is there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -94,3 +94,33 @@ def finished_status(result: SegmentationResult) -> str:
     windows = f"{result.windows} window{'s' if result.windows != 1 else ''}"
     caveat = f" {len(result.warnings)} warning(s) about the inputs: see the log." if result.warnings else ""
     return f"Done in {result.seconds:.0f} s on {result.device} ({windows}).{caveat}"
+
+
+class ComboBox(Protocol):
+    """The calls of a Qt combo box that :func:`refill_combo` makes (``qt.QComboBox`` has them all)."""
+
+    def blockSignals(self, block: bool) -> bool: ...
+    def clear(self) -> None: ...
+    def addItem(self, text: str, userData: object) -> None: ...
+    def findData(self, data: object) -> int: ...
+    def setCurrentIndex(self, index: int) -> None: ...
+
+
+def refill_combo(combo: ComboBox, choices: Iterable[tuple[str, str]], selected: str | None) -> None:
+    """Replace a selector's (value, label) choices and select ``selected`` if it is among them.
+
+    Qt emits ``currentIndexChanged`` on ``clear()`` and ``addItem()``; a selector bound to the
+    parameter node would then save the first entry over the user's choice (the saved device became
+    "auto" at every start). Signals are blocked while refilling; the caller handles the final
+    selection (a refill is not a user's choice).
+    """
+    was_blocked = combo.blockSignals(True)
+    try:
+        combo.clear()
+        for value, label in choices:
+            combo.addItem(label, value)
+        index = combo.findData(selected) if selected is not None else -1
+        if index >= 0:
+            combo.setCurrentIndex(index)
+    finally:
+        combo.blockSignals(was_blocked)
