@@ -102,6 +102,7 @@ class SegMambaSlicerParameterNode:
     tta: bool = False
     mixedPrecision: bool = True
     fusedKernels: bool = True
+    cpuThreads: Annotated[int, WithinRange(0, 256)] = 0  # 0: all cores but one (the worker's default)
     show3D: bool = True
 
 
@@ -341,7 +342,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         nodes = [selector.currentNode() for selector in self._inputSelectors]
         try:
             options = panels.segment_options(self._parameterNode)
-            self._run = self.logic.start(nodes, card, options, self._parameterNode.outputSegmentation)
+            self._run = self.logic.start(nodes, card, options, self._parameterNode.outputSegmentation,
+                                         threads=self._parameterNode.cpuThreads or None)
         except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback when unexpected
             self._showError(_("Cannot start the segmentation."), exc)
             return
@@ -481,9 +483,12 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
         return segment_folder(inputDir, outputDir, model, options, **kwargs)
 
-    def start(self, inputNodes, card, options=None, segmentationNode=None):
-        """Start a background segmentation; poll the returned run, then call :meth:`finish`."""
-        return self.impl.start_segmentation(inputNodes, card, options, segmentationNode)
+    def start(self, inputNodes, card, options=None, segmentationNode=None, threads=None):
+        """Start a background segmentation; poll the returned run, then call :meth:`finish`.
+
+        ``threads`` (CPU threads of the worker) None leaves one core free for Slicer.
+        """
+        return self.impl.start_segmentation(inputNodes, card, options, segmentationNode, threads=threads)
 
     def finish(self, run):
         """Import a finished run's result; returns (segmentation node, result) or raises its error."""
