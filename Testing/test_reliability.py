@@ -380,3 +380,21 @@ def test_predict_refuses_weights_that_differ_from_the_card_but_not_weights_given
     assert "has SHA-256" in line and "0" * 64 in line and not (tmp_path / "seg.nii.gz").exists()
     assert main(_predict(changed, _inputs(case), tmp_path / "seg.nii.gz", "--quiet",
                          "--weights", str(folder / "tiny.pt"))) == 0
+
+
+# ---------------------------------------------------------------- paths users have (Windows, macOS)
+
+
+def test_paths_with_spaces_and_non_ascii_characters_work_end_to_end(card_path, tmp_path, monkeypatch) -> None:
+    """Inputs, outputs, the model's folder and the cache under 'Ünïcode … with spaces' (common on Windows)."""
+    root = tmp_path / "Ünïcode folder with spaces — 検査"
+    monkeypatch.setenv("SEGMAMBA_SLICER_HOME", str(root / "cache dir"))
+    case = write_brats_case(make_phantom(shape=SHAPE, seed=2), root / "in put", "Case 1")
+    model = root / "my model"
+    model.mkdir()
+    (model / "tiny.pt").write_bytes((card_path.parent / "tiny.pt").read_bytes())
+    (model / "card é.json").write_text(card_path.read_text(encoding="utf-8"), encoding="utf-8")
+    out = root / "out put" / "séance.nii.gz"
+    assert main(_predict(model / "card é.json", _inputs(case), out, "--seg-nrrd", "--quiet")) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == SHAPE
+    assert (root / "out put" / "séance.seg.nrrd").is_file()
