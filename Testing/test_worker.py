@@ -1,10 +1,15 @@
-"""The background worker: a real child process on a tiny registered SegMamba, streamed, cancelled, crashed."""
+"""The background worker: a real child process on a tiny registered SegMamba, streamed, cancelled, crashed.
+
+The parent (run/worker.py) and the child (run/worker_child.py) share only run/worker_protocol.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +22,28 @@ from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segm
 from SegMambaSlicerLib.errors import CancelledError, CheckpointError
 from SegMambaSlicerLib.models.cards import load_card
 from SegMambaSlicerLib.networks import build_network
+from SegMambaSlicerLib.run import worker_child
 from SegMambaSlicerLib.run.worker import (
+    MPS_FALLBACK_VARIABLE,
     WorkerCrashedError,
     WorkerError,
     WorkerEvent,
     WorkerOutOfMemoryError,
     WorkerProcess,
+    default_worker_threads,
     describe_exit,
-    is_out_of_memory,
     load_image_npz,
     parse_event,
     python_executable,
     save_image_npz,
+    taskkill_command,
+    usable_cpu_count,
+    worker_environment,
 )
+from SegMambaSlicerLib.run.worker_child import is_out_of_memory
+from SegMambaSlicerLib.run.worker_protocol import CHILD_MODULE, format_event
+
+LIB_PARENT = Path(__file__).resolve().parents[1] / "SegMambaSlicer"
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals and a shell script")
 CPU = SegmentOptions(device="cpu")
@@ -129,6 +143,52 @@ def test_python_executable_finds_pythonslicer_for_the_slicer_application() -> No
         pick("/elsewhere/Slicer")
 
 
+@pytest.mark.parametrize("executable", ["", None])
+@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
+def test_an_empty_sys_executable_gives_a_worker_error_that_says_what_to_do(executable, platform) -> None:
+    """Slicer sets sys.executable to "" when it cannot find PythonSlicer: no ValueError from an empty path."""
+    with pytest.raises(WorkerError, match=r"launcher \(PythonSlicer\) was not found .*Reinstall Slicer"):
+        python_executable(executable, platform, lambda name: None, lambda path: True)
+    on_path = python_executable(executable, platform, lambda name: f"/launcher/{name}", lambda path: True)
+    assert on_path == "/launcher/PythonSlicer"
+
+
+def test_the_child_falls_back_to_the_cpu_for_operations_mps_lacks() -> None:
+    """Apple Silicon: 3-D ops missing on MPS run on the CPU instead of failing; a user's own value stays."""
+    assert worker_environment({"PATH": "/bin"}, "darwin")[MPS_FALLBACK_VARIABLE] == "1"
+    assert worker_environment({MPS_FALLBACK_VARIABLE: "0"}, "darwin")[MPS_FALLBACK_VARIABLE] == "0"
+    assert MPS_FALLBACK_VARIABLE not in worker_environment({"PATH": "/bin"}, "linux")  # no MPS there
+
+
+def test_the_worker_leaves_one_core_free_unless_told_otherwise(tiny_card) -> None:
+    assert [default_worker_threads(n) for n in (None, 1, 2, 8, 64)] == [1, 1, 1, 7, 63]
+    assert 1 <= usable_cpu_count() <= (os.cpu_count() or 1)
+    image = _volume((8, 8, 8))
+    default = default_worker_threads(usable_cpu_count())
+    assert WorkerProcess([image], tiny_card).threads == default
+    assert WorkerProcess([image], tiny_card, threads=None).threads == default
+    assert WorkerProcess([image], tiny_card, threads=3).threads == 3
+
+
+def test_windows_cancel_ends_the_whole_process_tree() -> None:
+    """taskkill /T also ends the real Python behind the PythonSlicer launcher; /F does not ask it first."""
+    assert taskkill_command(4242) == ["taskkill", "/T", "/F", "/PID", "4242"]
+
+
+def test_parent_and_child_share_only_the_protocol_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither side imports the other (function-level imports too); the parent names the child's module."""
+    grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter")
+    monkeypatch.syspath_prepend(str(LIB_PARENT))
+    graph = grimp.build_graph("SegMambaSlicerLib", cache_dir=None)
+    parent, child, protocol = (f"SegMambaSlicerLib.run.worker{m}" for m in ("", "_child", "_protocol"))
+    assert not graph.chain_exists(importer=parent, imported=child)
+    assert not graph.chain_exists(importer=child, imported=parent)
+    assert not graph.chain_exists(importer=protocol, imported=parent)
+    assert not graph.chain_exists(importer=protocol, imported=child)
+    assert {parent, child} <= graph.find_modules_that_directly_import(protocol)
+    assert CHILD_MODULE == worker_child.__name__
+
+
 def test_exit_descriptions_and_out_of_memory_recognition() -> None:
     assert "out of memory" in describe_exit(-signal.SIGKILL, "linux")
     assert "segmentation fault" in describe_exit(-signal.SIGSEGV, "linux")
@@ -158,6 +218,12 @@ def test_npz_hand_over_keeps_voxels_and_geometry_bit_exact(tmp_path: Path, obliq
 
 
 def test_event_lines_parse_and_stray_output_becomes_log() -> None:
+    line = format_event("result", output="C:/Temp/Ünïcode folder/labelmap.npz", volumes={"Lesion": 1.5})
+    assert line.endswith("\n") and line.count("\n") == 1 and line.isascii()
+    event = parse_event(line)
+    assert (event.kind, event.data["output"]) == ("result", "C:/Temp/Ünïcode folder/labelmap.npz")
+    error = parse_event(format_event("error", kind="OutOfMemory", message="out of memory"))
+    assert (error.kind, error.data["kind"]) == ("error", "OutOfMemory")
     event = parse_event('{"event": "progress", "fraction": 0.25, "message": "window 1/4"}\n')
     assert (event.kind, event.fraction, event.message) == ("progress", 0.25, "window 1/4")
     assert parse_event("Warning: something printed\n") == WorkerEvent("log", "Warning: something printed")
@@ -194,6 +260,49 @@ def test_warnings_about_the_inputs_come_back_from_the_worker(tiny_card, one_thre
     result = WorkerProcess([image], tiny_card, CPU, threads=1).run()
     assert result.warnings == segment([image], tiny_card, CPU).warnings
     assert len(result.warnings) == 1 and "1 voxel of the T1 image (0.0045%) is not a number" in result.warnings[0]
+
+
+def test_worker_runs_in_a_folder_with_spaces_and_non_ascii_characters(
+    tiny_card, one_thread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job file, npz hand-over, output and model card under "Ünïcode folder with spaces" (as on Windows)."""
+    folder = tmp_path / "Ünïcode folder with spaces"
+    folder.mkdir()
+    for name in ("tiny.json", "tiny.pt"):
+        shutil.copy(tiny_card.source_path.parent / name, folder / name)
+    card = load_card(folder / "tiny.json")
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))  # where mkdtemp puts the worker's private folder
+    image = _volume((20, 28, 40), seed=4)
+    worker = WorkerProcess([image], card, CPU, threads=1)
+    worker.start()
+    assert worker.folder.parent == folder
+    job = json.loads((worker.folder / "job.json").read_text(encoding="utf-8"))
+    assert job["card_path"] == str(folder / "tiny.json")
+    result = worker.run()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labelmap),
+                                  sitk.GetArrayFromImage(segment([image], card, CPU).labelmap))
+    assert result.labelmap.GetOrigin() == image.GetOrigin()
+    assert not worker.folder.exists() and sorted(p.name for p in folder.iterdir()) == ["tiny.json", "tiny.pt"]
+
+
+@posix_only
+def test_parent_starts_the_child_module_with_its_environment_and_default_threads(
+    tiny_card, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the child is given, recorded by a stand-in interpreter: module, environment, job with threads."""
+    monkeypatch.delenv(MPS_FALLBACK_VARIABLE, raising=False)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    python = _fake_python(tmp_path, f'echo "$1 $2" > "{seen}/argv"\n'
+                                    f'echo "${MPS_FALLBACK_VARIABLE}" > "{seen}/mps"\n'
+                                    f'cp "$3" "{seen}/job.json"\nexit 1\n')
+    with pytest.raises(WorkerCrashedError, match="exited with code 1"):
+        WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=python).run()
+    assert (seen / "argv").read_text().split() == ["-m", "SegMambaSlicerLib.run.worker_child"]
+    assert (seen / "mps").read_text().strip() == worker_environment(os.environ).get(MPS_FALLBACK_VARIABLE, "")
+    job = json.loads((seen / "job.json").read_text(encoding="utf-8"))
+    assert job["threads"] == default_worker_threads(usable_cpu_count())
+    assert job["options"]["device"] == "cpu" and job["inputs"][0].endswith("input0.npz")
 
 
 @posix_only

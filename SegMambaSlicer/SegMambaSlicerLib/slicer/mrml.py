@@ -227,17 +227,37 @@ def volume_node_from_image(
 
 
 def load_volume_file(path: str | Path, scene: slicer.vtkMRMLScene, name: str) -> slicer.vtkMRMLVolumeNode:
-    """Load an image file with Slicer's own reader (volumes logic), as File > Add Data would."""
+    """Load an image file with Slicer's own reader (volumes logic), as File > Add Data would.
+
+    Uses the 3-argument ``AddArchetypeVolume(filename, name, loadingOptions)``, a form every released Slicer
+    (5.10-5.12) has; the form with a ``userMessages`` collection exists only in slicer-core snapshots, so the
+    reason for a failure is worked out by :func:`_unreadable_reason` instead.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputImageError(f"Image file {path} does not exist.")
-    messages = slicer.vtkMRMLMessageCollection()
     single_file = 1 << 2  # do not try to assemble a series from similarly named files
-    node = _volumes_logic(scene).AddArchetypeVolume(str(path), name, single_file, None, messages)
+    node = _volumes_logic(scene).AddArchetypeVolume(str(path), name, single_file)
     if node is None:
-        details = messages.GetAllMessagesAsString().strip()
-        raise InputImageError(f"3D Slicer could not read {path} as a volume. {details}".strip())
+        raise InputImageError(f"3D Slicer could not read {path} as a volume: {_unreadable_reason(path)}.")
     return node
+
+
+def _unreadable_reason(path: Path) -> str:
+    """A likely reason why Slicer's volume readers rejected ``path``, from ITK's header reader.
+
+    Slicer's readers are ITK's image IO plus a few of its own, so ITK not recognising the header means the file
+    is not an image in a known format; a readable header points at the voxel data or an unusual image type.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return "it is not an image in a format 3D Slicer reads, or the file is damaged"
+    return (f"its header describes a {reader.GetDimension()}-D image with {reader.GetNumberOfComponents()} "
+            "value(s) per voxel, but the voxel data could not be loaded (truncated file or unsupported type; "
+            "the Slicer log has the reader's message)")
 
 
 def _oriented_image_data(array_zyx: np.ndarray, image: sitk.Image) -> slicer.vtkOrientedImageData:

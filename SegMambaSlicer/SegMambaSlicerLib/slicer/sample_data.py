@@ -23,12 +23,18 @@ def load_sample_case() -> list[Any]:
 
 
 def register_sample_data(thumbnail: str) -> None:
-    """Register the case with the Sample Data module; loading it calls :func:`load_sample_case`."""
+    """Register the case with the Sample Data module; loading it calls :func:`load_sample_case`.
+
+    Nothing is downloaded, yet ``uris`` and ``fileNames`` must be empty lists rather than left out: Slicer's
+    ``SampleDataSource`` takes ``len()`` of both (``None`` raises TypeError at startup).
+    """
     import SampleData
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=CATEGORY,
         sampleName=SAMPLE_NAME,
+        uris=[],
+        fileNames=[],
         thumbnailFileName=thumbnail,
         customDownloader=lambda *source: load_sample_case(),
     )
