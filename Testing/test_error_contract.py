@@ -35,6 +35,7 @@ from SegMambaSlicerLib.errors import (
     ModelCardError,
     SegMambaError,
 )
+from SegMambaSlicerLib.evaluation.lesions import LesionError
 from SegMambaSlicerLib.evaluation.metrics import MetricsError
 from SegMambaSlicerLib.evaluation.phantom import PhantomError
 from SegMambaSlicerLib.io.atomic import OutputError
@@ -219,6 +220,14 @@ def _download_with_a_wrong_checksum(s: Setup) -> list[str]:
             _user_card(s, {"kind": "url", "url": f"{base}/w.pt", "sha256": SHA_OF_OTHER_BYTES})]
 
 
+def _label_map_with_an_undefined_value(s: Setup) -> list[str]:
+    labels = np.zeros((EDGE, EDGE, EDGE), np.uint8)
+    labels[10:14, 10:14, 10:14] = 5  # the BraTS card defines 1, 2 and 3
+    path = s.tmp / "labels-with-5.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(path))
+    return ["measure", str(path), "--json", str(s.tmp / "measure.json")]
+
+
 def _demo_without_matplotlib(s: Setup) -> list[str]:
     """The PNG preview needs matplotlib, which a Slicer or server install may lack (None: import fails)."""
     s.monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
@@ -271,6 +280,8 @@ CASES = [
     Case("batch-empty-folder", BatchError,
          lambda s: ["batch", str(_empty(s.tmp / "cases")), str(s.tmp / "out"), "--model", "segmamba-demo"],
          "No cases found in"),
+    Case("measure-undefined-label", LesionError, _label_map_with_an_undefined_value,
+         "holds the values 5, which the model segmamba-brats2023 does not define"),
     Case("evaluate-missing-folder", MetricsError,
          lambda s: ["evaluate", str(s.tmp / "no-predictions"), str(s.tmp / "no-references")],
          "The prediction folder .* does not exist"),

@@ -1,4 +1,4 @@
-"""Command line: ``segmamba-slicer predict|models|phantom|demo|batch|evaluate``.
+"""Command line: ``segmamba-slicer predict|models|phantom|demo|batch|evaluate|measure``.
 
 Errors the user can fix print one line and exit non-zero; ``--verbose`` adds the traceback.
 Each command lives in its own module (``add_parser`` and the function it runs); this module builds the
@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 
 from ..errors import SegMambaError
-from . import batch, demo, evaluate, models, phantom, predict
+from . import batch, demo, evaluate, measure, models, phantom, predict
 from .predict import check_outputs, seg_nrrd_beside
 
 __all__ = [
@@ -40,7 +40,7 @@ EXIT_CANCELLED = 130
 EXIT_TERMINATED = 143
 
 #: The commands in the order ``--help`` lists them.
-_COMMANDS = (predict, models, phantom, demo, batch, evaluate)
+_COMMANDS = (predict, models, phantom, demo, batch, evaluate, measure)
 
 
 def build_parser() -> argparse.ArgumentParser:
