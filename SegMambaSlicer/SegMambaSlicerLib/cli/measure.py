@@ -78,6 +78,10 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(value: float | None) -> str:
+    return "n/a (no measurable prior)" if value is None else f"{value:+.1f} %"
+
+
 def _region_table(measurement: Measurement) -> list[str]:
     lines = [f"{'region':<8}{'volume_ml':>11}{'lesions':>9}{'measurable':>12}{'sum_products_mm2':>18}"]
     for r in measurement.regions:
@@ -105,7 +109,7 @@ def _change_table(change: Change, enhancing: str | None) -> list[str]:
     lines.append(f"sum of products ({enhancing or 'no enhancing region'}): "
                  f"{_number(change.sum_of_products_mm2)} mm² "
                  f"(prior {_number(change.prior_sum_of_products_mm2)} mm², "
-                 f"change {_number(change.product_change_pct)} %)")
+                 f"change {_percent(change.product_change_pct)})")
     return lines
 
 
