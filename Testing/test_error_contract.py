@@ -39,6 +39,7 @@ from SegMambaSlicerLib.evaluation.lesions import LesionError
 from SegMambaSlicerLib.evaluation.metrics import MetricsError
 from SegMambaSlicerLib.evaluation.phantom import PhantomError
 from SegMambaSlicerLib.io.atomic import OutputError
+from SegMambaSlicerLib.io.dicom_seg import DicomSegError
 from SegMambaSlicerLib.io.geometry import OrientationCodeError
 from SegMambaSlicerLib.io.report import ReportError
 from SegMambaSlicerLib.io.seg_nrrd import SegmentationDataError, SegmentationFileError
@@ -280,6 +281,9 @@ CASES = [
     Case("batch-empty-folder", BatchError,
          lambda s: ["batch", str(_empty(s.tmp / "cases")), str(s.tmp / "out"), "--model", "segmamba-demo"],
          "No cases found in"),
+    Case("dicom-seg-of-nifti", DicomSegError,
+         lambda s: _predict(s, _tiny_card(s), "--dicom-seg", str(s.tmp / "out" / "seg.dcm")),
+         "is not a DICOM series folder"),
     Case("measure-undefined-label", LesionError, _label_map_with_an_undefined_value,
          "holds the values 5, which the model segmamba-brats2023 does not define"),
     Case("evaluate-missing-folder", MetricsError,

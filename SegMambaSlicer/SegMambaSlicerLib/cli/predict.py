@@ -1,4 +1,4 @@
-"""``segmamba-slicer predict``: segment one case into a label map (and optionally a Slicer .seg.nrrd).
+"""``segmamba-slicer predict``: segment one case into a label map (optionally a .seg.nrrd and a DICOM SEG).
 
 The outputs are checked before PyTorch is imported, so a wrong path is refused within a second rather
 than after the model has loaded; keep the slow imports below :func:`check_outputs` in :func:`run`.
@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("-o", "--output", required=True, type=Path, help="label map to write (.nii.gz, .nrrd)")
     p.add_argument("--seg-nrrd", nargs="?", const="auto",
                    help="also write a Slicer .seg.nrrd (path optional)")
+    p.add_argument("--dicom-seg", type=Path, metavar="PATH",
+                   help="also write a DICOM Segmentation (.dcm) that references the first input, which must be "
+                   "a DICOM series folder (needs highdicom: pip install 'segmamba-slicer[dicom]')")
     add_run_options(p)
     p.set_defaults(func=run)
     return p
@@ -34,13 +37,22 @@ def run(args: argparse.Namespace) -> int:
     seg_path = None
     if args.seg_nrrd:
         seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
-    check_outputs(args.input, label_map=args.output, segmentation=seg_path)  # before the slow imports
+    check_outputs(args.input, label_map=args.output, segmentation=seg_path, dicom_seg=args.dicom_seg)
+    source = None
+    if args.dicom_seg is not None:  # headers only, fast: a series the SEG cannot reference stops us here
+        from ..io.dicom_seg import read_source_series
+
+        source = read_source_series(Path(args.input[0]))
 
     from ..engine.pipeline import segment
     from ..io.images import resolve_inputs, write_image_atomic
     from ..models.registry import resolve_model
 
     card = resolve_model(args.model)
+    if source is not None:
+        from ..io.dicom_seg import check_labels
+
+        check_labels(card.labels)
     inputs = resolve_inputs(args.input, card)
     result = segment(inputs, card, segment_options(args), progress=progress_bar(args))
     for warning in result.warnings:
@@ -52,28 +64,50 @@ def run(args: argparse.Namespace) -> int:
 
         written = write_seg_nrrd(result.labelmap, card.labels, seg_path, extra_segments=card.regions)
         print(f"segmentation: {written}")
+    if source is not None:
+        from ..io.dicom_seg import write_dicom_seg
+
+        written = write_dicom_seg(result.labelmap, card.labels, source, args.dicom_seg,
+                                  algorithm_name=card.display_name, algorithm_version=card.id)
+        print(f"DICOM segmentation: {written}")
     print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
     for name, ml in result.volumes.items():
         print(f"  {name}: {ml:.2f} mL")
     return 0
 
 
-def check_outputs(inputs: Sequence[str | Path], label_map: Path, segmentation: Path | None = None) -> None:
+def check_outputs(
+    inputs: Sequence[str | Path],
+    label_map: Path,
+    segmentation: Path | None = None,
+    dicom_seg: Path | None = None,
+) -> None:
     """Before any work: every output can be written, replaces no input and no other output.
 
     ``inputs`` are the paths as given: image files, DICOM series folders, or one case folder, whose
     image files are the inputs (the folder itself may receive outputs). This needs no model, so it
     runs before PyTorch is imported, within a second of the start. Stale temporary files that killed
-    runs left beside the outputs are removed here, as a batch does.
+    runs left beside the outputs are removed here, as a batch does. A DICOM SEG also needs highdicom
+    and a first input that is a DICOM series folder, the series it will reference.
     """
     from ..io.atomic import OutputError, check_writable, refuse_overwriting_inputs, remove_stale_temporaries
+    from ..io.dicom_seg import DICOM_SEG_SUFFIXES, check_dicom_source, check_highdicom
     from ..io.images import LABELMAP_SUFFIXES, is_image_file
 
-    outputs = [check_writable(label_map, suffixes=LABELMAP_SUFFIXES, what="label map")]
+    if dicom_seg is not None:  # first: a run that cannot make its SEG creates no output folder either
+        check_highdicom()
+        check_dicom_source(Path(inputs[0]))
+    named = [("label map", check_writable(label_map, suffixes=LABELMAP_SUFFIXES, what="label map"))]
     if segmentation is not None:
-        outputs.append(check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation"))
-        if outputs[1].resolve() == outputs[0].resolve():
-            raise OutputError(f"The label map and the segmentation would both be written to {outputs[0]}.")
+        named.append(("segmentation", check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation")))
+    if dicom_seg is not None:
+        named.append(("DICOM segmentation",
+                      check_writable(dicom_seg, suffixes=DICOM_SEG_SUFFIXES, what="DICOM segmentation")))
+    for i, (what, path) in enumerate(named):
+        for other, other_path in named[:i]:
+            if path.resolve() == other_path.resolve():
+                raise OutputError(f"The {other} and the {what} would both be written to {other_path}.")
+    outputs = [path for _, path in named]
     sources: list[Path] = []
     for given in map(Path, inputs):
         images = [p for p in given.iterdir() if is_image_file(p)] if given.is_dir() else []
