@@ -26,8 +26,9 @@ def _lint(lib_parent: Path) -> subprocess.CompletedProcess[str]:
     """Run import-linter with the project's contracts on the package found in ``lib_parent``."""
     code = ("import sys; from importlinter.cli import lint_imports; "
             f"sys.exit(lint_imports(config_filename={str(ROOT / 'pyproject.toml')!r}, no_cache=True))")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(lib_parent), "PATH": "/usr/bin:/bin"}, cwd=lib_parent)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=300,
+                          env={"PYTHONPATH": str(lib_parent), "PATH": "/usr/bin:/bin", "PYTHONUTF8": "1"},
+                          cwd=lib_parent)
 
 
 def test_layer_contracts_are_kept() -> None:

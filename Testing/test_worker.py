@@ -5,6 +5,7 @@ The parent (run/worker.py) and the child (run/worker_child.py) share only run/wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -251,6 +252,17 @@ def test_worker_streams_progress_and_equals_in_process_run(tiny_card, one_thread
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert [m for _, m in reported if m.startswith("window")] == ["window 1/2", "window 2/2"]
     assert not worker.folder.exists()  # temporary inputs and output removed
+
+
+def test_the_confidence_map_comes_back_from_the_worker(tiny_card, one_thread) -> None:
+    image = _volume((20, 28, 40), seed=6)
+    options = dataclasses.replace(CPU, confidence=True)
+    result = WorkerProcess([image], tiny_card, options, threads=1).run()
+    direct = segment([image], tiny_card, options)
+    assert result.confidence is not None and result.confidence.GetSize() == image.GetSize()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.confidence), sitk.GetArrayFromImage(direct.confidence))
+    assert result.confidence.GetDirection() == image.GetDirection()
+    assert WorkerProcess([image], tiny_card, CPU, threads=1).run().confidence is None  # only when asked
 
 
 def test_warnings_about_the_inputs_come_back_from_the_worker(tiny_card, one_thread) -> None:

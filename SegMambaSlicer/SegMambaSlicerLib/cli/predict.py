@@ -7,6 +7,7 @@ than after the model has loaded; keep the slow imports below :func:`check_output
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("-o", "--output", required=True, type=Path, help="label map to write (.nii.gz, .nrrd)")
     p.add_argument("--seg-nrrd", nargs="?", const="auto",
                    help="also write a Slicer .seg.nrrd (path optional)")
+    p.add_argument("--confidence", type=Path, metavar="PATH",
+                   help="also write the per-voxel confidence in [0, 1] (1 - normalised entropy of the "
+                   "prediction) as a float image on the input grid (.nii.gz, .nrrd)")
     p.add_argument("--dicom-seg", type=Path, metavar="PATH",
                    help="also write a DICOM Segmentation (.dcm) that references the first input, which must be "
                    "a DICOM series folder (needs highdicom: pip install 'segmamba-slicer[dicom]')")
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     seg_path = None
     if args.seg_nrrd:
         seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
-    check_outputs(args.input, label_map=args.output, segmentation=seg_path, dicom_seg=args.dicom_seg)
+    check_outputs(args.input, label_map=args.output, segmentation=seg_path, dicom_seg=args.dicom_seg,
+                  confidence=args.confidence)
     source = None
     if args.dicom_seg is not None:  # headers only, fast: a series the SEG cannot reference stops us here
         from ..io.dicom_seg import read_source_series
@@ -54,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
         check_labels(card.labels)
     inputs = resolve_inputs(args.input, card)
-    result = segment(inputs, card, segment_options(args), progress=progress_bar(args))
+    options = dataclasses.replace(segment_options(args), confidence=args.confidence is not None)
+    result = segment(inputs, card, options, progress=progress_bar(args))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = write_image_atomic(result.labelmap, args.output)
     print(f"label map: {out}")
+    if result.confidence is not None:
+        print(f"confidence: {write_image_atomic(result.confidence, args.confidence, what='confidence map')}")
     if seg_path is not None:
         from ..io.seg_nrrd import write_seg_nrrd
 
@@ -81,6 +89,7 @@ def check_outputs(
     label_map: Path,
     segmentation: Path | None = None,
     dicom_seg: Path | None = None,
+    confidence: Path | None = None,
 ) -> None:
     """Before any work: every output can be written, replaces no input and no other output.
 
@@ -100,6 +109,8 @@ def check_outputs(
     named = [("label map", check_writable(label_map, suffixes=LABELMAP_SUFFIXES, what="label map"))]
     if segmentation is not None:
         named.append(("segmentation", check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation")))
+    if confidence is not None:
+        named.append(("confidence map", check_writable(confidence, suffixes=LABELMAP_SUFFIXES, what="confidence map")))
     if dicom_seg is not None:
         named.append(("DICOM segmentation",
                       check_writable(dicom_seg, suffixes=DICOM_SEG_SUFFIXES, what="DICOM segmentation")))

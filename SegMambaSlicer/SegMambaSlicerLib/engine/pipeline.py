@@ -1,9 +1,10 @@
 """The one segmentation pipeline shared by the CLI, the Slicer logic, the worker and batch runs.
 
 Images in (files, DICOM folders or SimpleITK images, one per card channel) → a label map out on
-exactly the first input's voxel grid. Every model-specific step is the card's recipe
-(:mod:`.recipes`: SegMamba's reorient/crop/z-score, or nnU-Net's plans-driven preprocessing, tiling,
-fold ensemble and export); this module only reads, checks, runs the windows and measures.
+exactly the first input's voxel grid, and on request its per-voxel confidence on the same grid. Every
+model-specific step is the card's recipe (:mod:`.recipes`: SegMamba's reorient/crop/z-score, or
+nnU-Net's plans-driven preprocessing, tiling, fold ensemble and export); this module only reads,
+checks, runs the windows and measures.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class SegmentOptions:
     mixed_precision: bool = True
     scan_backend: str | None = None
     folds: Sequence[str | int] | None = None
+    #: Also return the per-voxel confidence (off by default: it costs a float32 volume and some time).
+    confidence: bool = False
 
 
 @dataclass
@@ -58,6 +61,9 @@ class SegmentationResult:
     volumes: dict[str, float] = field(default_factory=dict)
     #: What the user should know about the inputs (non-finite voxels, channels without contrast).
     warnings: tuple[str, ...] = ()
+    #: With ``SegmentOptions(confidence=True)``: float32 in [0, 1] on the label map's grid, from the same
+    #: logits (1 − normalised entropy of the prediction; see :mod:`.recipes.base`); otherwise None.
+    confidence: sitk.Image | None = None
 
 
 def window_settings(card: ModelCard, options: SegmentOptions) -> WindowSettings:
@@ -134,6 +140,13 @@ def _check_outputs(logits: torch.Tensor, card: ModelCard) -> None:
         )
 
 
+def _on_grid_of(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """An array on the reference's SimpleITK array grid as an image with the reference's geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.CopyInformation(reference)
+    return image
+
+
 def segment(
     images: Sequence[ImageSource],
     card: ModelCard,
@@ -177,9 +190,9 @@ def segment(
         warnings.append(fallback)
         device = torch.device("cpu")
     _check_outputs(logits, card)
-    full = restore(logits[0].numpy())
-    labelmap = sitk.GetImageFromArray(np.ascontiguousarray(full))
-    labelmap.CopyInformation(reference)
+    restored = restore(logits[0].numpy(), options.confidence)
+    labelmap = _on_grid_of(restored.labels, reference)
+    confidence = None if restored.confidence is None else _on_grid_of(restored.confidence, reference)
     seconds = time.perf_counter() - start
     windows = count_windows(net_input.shape[1:], settings)
     log.info("segmented with %s on %s in %.1f s (%d windows)", card.id, device, seconds, windows)
@@ -191,4 +204,5 @@ def segment(
         windows=windows,
         volumes=volumes_ml(labelmap, card),
         warnings=tuple(warnings),
+        confidence=confidence,
     )

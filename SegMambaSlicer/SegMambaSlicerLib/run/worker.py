@@ -242,6 +242,7 @@ class WorkerProcess:
         self._error_event: WorkerEvent | None = None
         self._error: SegMambaError | None = None
         self._labelmap: sitk.Image | None = None
+        self._confidence: sitk.Image | None = None
         self._exited_at: float | None = None
 
     # -- lifecycle
@@ -323,6 +324,7 @@ class WorkerProcess:
                 seconds=float(data["seconds"]), windows=int(data["windows"]),
                 volumes={str(k): float(v) for k, v in data["volumes"].items()},
                 warnings=tuple(str(w) for w in data.get("warnings", ())),
+                confidence=self._confidence,
             )
         if self._state == _CANCELLED:
             raise CancelledError("Segmentation cancelled.")
@@ -399,6 +401,8 @@ class WorkerProcess:
         try:
             if self._result_event is not None and returncode == 0:
                 self._labelmap = load_image_npz(self._result_event.data["output"])
+                if self._result_event.data.get("confidence"):
+                    self._confidence = load_image_npz(self._result_event.data["confidence"])
                 self._state = _DONE
                 return WorkerEvent("finished", "Segmentation finished.")
             self._error = self._failure(returncode)

@@ -112,8 +112,12 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter) -> None:
     images = [_load_input(path) for path in job["inputs"]]
     result = segment(images, card, options, progress=emitter.progress)
     save_image_npz(result.labelmap, job["output"])
-    emitter.emit("result", output=job["output"], device=result.device, seconds=result.seconds,
-                 windows=result.windows, volumes=result.volumes, warnings=list(result.warnings))
+    confidence = None
+    if result.confidence is not None:  # asked for in the options: handed over beside the label map
+        confidence = str(save_image_npz(result.confidence, Path(job["output"]).with_name("confidence.npz")))
+    emitter.emit("result", output=job["output"], confidence=confidence, device=result.device,
+                 seconds=result.seconds, windows=result.windows, volumes=result.volumes,
+                 warnings=list(result.warnings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

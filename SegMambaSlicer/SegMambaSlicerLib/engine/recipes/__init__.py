@@ -10,11 +10,11 @@ from __future__ import annotations
 from ...errors import ModelCardError
 from ...models.cards import ModelCard
 from . import nnunet, segmamba
-from .base import Recipe, Restore
+from .base import Recipe, Restore, Restored
 
 RECIPES: dict[str, Recipe] = {recipe.scheme: recipe for recipe in (segmamba.RECIPE, nnunet.RECIPE)}
 
-__all__ = ["RECIPES", "Recipe", "Restore", "recipe_for"]
+__all__ = ["RECIPES", "Recipe", "Restore", "Restored", "recipe_for"]
 
 
 def recipe_for(card: ModelCard) -> Recipe:

@@ -5,8 +5,8 @@ MambaClinix runs inside nnU-Net v2, so its inputs go through nnU-Net's preproces
 schemes, and resampling to the configuration's spacing (``resample_data_or_seg_to_shape``: spline order 3
 in-plane, order 0 across slices when the grid is anisotropic). :func:`nnunet_export` undoes them for the
 logits (docs/models.md, "nnU-Net prediction and export"): resample back (order 1), argmax or region
-thresholds, paste, transpose back. What the plans say is read
-by :mod:`..models.nnunet`; this module only computes.
+thresholds, paste, transpose back; :func:`nnunet_restore` adds the confidence of that prediction. What
+the plans say is read by :mod:`..models.nnunet`; this module only computes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,16 @@ from ...models.nnunet import (
 )
 from ..crop import CropBox, box_of_mask, nonzero_mask
 from ..inputs import split_nonfinite
-from .base import Folds, Recipe, Restore, Weights
+from .base import (
+    OUTSIDE_CROP_CONFIDENCE,
+    Folds,
+    Recipe,
+    Restore,
+    Restored,
+    Weights,
+    regions_confidence,
+    softmax_confidence,
+)
 
 SCHEME = NNUNET_SCHEME
 
@@ -213,17 +222,46 @@ def nnunet_export(
     models, sigmoid > 0.5 per region painted in channel order (region ``k`` → ``label_values[k + 1]``),
     paste into the uncropped grid and transpose back.
     """
+    return nnunet_restore(logits, geometry, settings, label_values, confidence=False).labels
+
+
+def nnunet_restore(
+    logits: np.ndarray,
+    geometry: NnunetGeometry,
+    settings: NnunetSettings,
+    label_values: Sequence[int],
+    confidence: bool,
+) -> Restored:
+    """:func:`nnunet_export`, and with ``confidence`` the confidence of the same prediction.
+
+    The confidence is computed from the resampled logits the labels come from, i.e. from the
+    probabilities nnU-Net's export returns (it resamples logits, then applies softmax or sigmoid);
+    outside the crop box nnU-Net's probabilities are certain background, so confidence 1 there.
+    """
     resampled = resample_to_shape(
         logits, geometry.cropped_shape, settings.spacing, geometry.spacing, settings.probabilities_resampling
     )
+    labels = _uncrop(_labels_of(resampled, settings.regions, label_values), geometry, settings, fill=0)
+    if not confidence:
+        return Restored(labels, None)
+    measure = regions_confidence if settings.regions else softmax_confidence
+    return Restored(labels, _uncrop(measure(resampled), geometry, settings, fill=OUTSIDE_CROP_CONFIDENCE))
+
+
+def _labels_of(resampled: np.ndarray, regions: bool, label_values: Sequence[int]) -> np.ndarray:
+    """Softmax-argmax, or sigmoid > 0.5 per region painted in channel order."""
     values = np.asarray(label_values, dtype=np.uint8)
-    if settings.regions:
-        labels = np.zeros(resampled.shape[1:], dtype=np.uint8)
-        for k in range(resampled.shape[0]):
-            labels[resampled[k] > 0] = values[k + 1]  # sigmoid(x) > 0.5 exactly when x > 0
-    else:
-        labels = values[resampled.argmax(0)]
-    return np.transpose(geometry.box.paste(labels), settings.transpose_backward)
+    if not regions:
+        return values[resampled.argmax(0)]
+    labels = np.zeros(resampled.shape[1:], dtype=np.uint8)
+    for k in range(resampled.shape[0]):
+        labels[resampled[k] > 0] = values[k + 1]  # sigmoid(x) > 0.5 exactly when x > 0
+    return labels
+
+
+def _uncrop(cropped: np.ndarray, geometry: NnunetGeometry, settings: NnunetSettings, fill: int) -> np.ndarray:
+    """Paste into the uncropped grid (``fill`` elsewhere) and undo ``transpose_forward``."""
+    return np.transpose(geometry.box.paste(cropped, fill), settings.transpose_backward)
 
 
 def prepare(data: np.ndarray, reference: sitk.Image, card: ModelCard, weights: Weights = None,
@@ -231,7 +269,11 @@ def prepare(data: np.ndarray, reference: sitk.Image, card: ModelCard, weights: W
     """nnU-Net's preprocessing from the result folder's plans; the returned function is nnU-Net's export."""
     settings = model_for_card(card, weights, folds).settings
     net_input, geometry = preprocess_nnunet(data, reference.GetSpacing()[::-1], settings)
-    return net_input, lambda logits: nnunet_export(logits, geometry, settings, card.label_values)
+
+    def restore(logits: np.ndarray, confidence: bool) -> Restored:
+        return nnunet_restore(logits, geometry, settings, card.label_values, confidence)
+
+    return net_input, restore
 
 
 def load(card: ModelCard, weights: Weights = None, folds: Folds = None) -> nn.Module:

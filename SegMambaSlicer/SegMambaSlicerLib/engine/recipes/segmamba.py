@@ -21,7 +21,7 @@ from ...models.checkpoints import load_into, load_state_dict_file, verified_weig
 from ...networks import build_network
 from ..crop import CropBox, nonzero_box
 from ..inputs import split_nonfinite
-from .base import Folds, Recipe, Restore, Weights
+from .base import OUTSIDE_CROP_CONFIDENCE, Folds, Recipe, Restore, Restored, Weights, softmax_confidence
 
 #: ``preprocessing.scheme`` of the cards this recipe runs.
 SCHEME = "crop_nonzero_zscore"
@@ -58,14 +58,20 @@ def prepare(data: np.ndarray, reference: sitk.Image, card: ModelCard, weights: W
             folds: Folds = None) -> tuple[np.ndarray, Restore]:
     """Reorient to the card's orientation, crop and z-score; the returned function undoes it for logits.
 
-    ``weights`` and ``folds`` do not change SegMamba's preprocessing (they do nnU-Net's).
+    The label map is the argmax, so the confidence is the softmax one; both are pasted into the crop
+    box and reoriented back the same way. ``weights`` and ``folds`` do not change SegMamba's
+    preprocessing (they do nnU-Net's).
     """
     reorder = reorder_to(direction_matrix(reference), card.orientation)
     net_input, box = preprocess(np.ascontiguousarray(reorder.forward(data)), card.preprocessing)
 
-    def restore(logits: np.ndarray) -> np.ndarray:
+    def restore(logits: np.ndarray, confidence: bool) -> Restored:
         values = np.asarray(card.label_values, dtype=np.uint8)[logits.argmax(0)]
-        return reorder.inverse(box.paste(values))
+        labels = reorder.inverse(box.paste(values))
+        if not confidence:
+            return Restored(labels, None)
+        certainty = box.paste(softmax_confidence(logits), fill=OUTSIDE_CROP_CONFIDENCE)
+        return Restored(labels, reorder.inverse(certainty))
 
     return net_input, restore
 
