@@ -11,7 +11,9 @@ import SimpleITK as sitk
 import torch
 from allocator_fakes import FakeLibc
 from SegMambaSlicerLib.engine import devices
+from SegMambaSlicerLib.evaluation.phantom import make_phantom, write_brats_case
 from SegMambaSlicerLib.models.cache import ENV_VAR
+from toy_models import write_tiny_brats_card
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +91,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BraTS card with a tiny SegMamba V1, 32³ windows and seeded random weights saved beside it."""
+    return write_tiny_brats_card(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def case(tmp_path: Path) -> dict[str, Path]:
+    """A 40 x 36 x 24 phantom case in the BraTS 2023 layout (t2w, t2f, t1n, t1c, seg), seed 1."""
+    return write_brats_case(make_phantom(shape=(40, 36, 24), seed=1), tmp_path / "in", "Case")

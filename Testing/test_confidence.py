@@ -8,7 +8,6 @@ way the label map is: SegMamba's reorientation and crop paste, nnU-Net's probabi
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,13 @@ from SegMambaSlicerLib.engine.recipes.nnunet import (
     resample_to_shape,
 )
 from SegMambaSlicerLib.evaluation.phantom import MODALITIES, make_phantom
-from SegMambaSlicerLib.models.cards import card_from_dict
 from SegMambaSlicerLib.models.nnunet import (
     FoldEnsemble,
     NnunetChannel,
     NnunetSettings,
-    nnunet_card_data,
     settings_from_plans,
 )
-from toy_models import PointwiseNet, toy_card
+from toy_models import PointwiseNet, nnunet_result_card, toy_card
 
 CPU = SegmentOptions(device="cpu")
 WITH_CONFIDENCE = SegmentOptions(device="cpu", confidence=True)
@@ -325,19 +322,6 @@ def test_nnunet_region_confidence_on_a_cropped_transposed_grid() -> None:
     np.testing.assert_array_equal(restored.labels, np.where(data[0] > 40, 2, np.where(data[0] > 20, 1, 0)))
 
 
-def _nnunet_card(cases, case: str, folder: Path):
-    plans, dataset_json = cases.plans_for(case), cases.dataset_for(case)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
-    for fold, net in enumerate(cases.toy_folds(case)):
-        (folder / f"fold_{fold}").mkdir()
-        torch.save({"network_weights": net.state_dict()}, folder / f"fold_{fold}" / "checkpoint_final.pth")
-    return card_from_dict(nnunet_card_data(
-        plans, dataset_json, "3d_fullres", folder, ("0", "1"), "checkpoint_final.pth", cases.TRAINER,
-        mirror_axes=cases.CASES[case].get("mirror"),
-    ))
-
-
 def _check_on_file_grid(image: sitk.Image, path: Path) -> None:
     source = sitk.ReadImage(str(path))
     assert image.GetSize() == source.GetSize() and image.GetPixelID() == sitk.sitkFloat32
@@ -349,7 +333,7 @@ def _check_on_file_grid(image: sitk.Image, path: Path) -> None:
 def test_nnunet_segment_with_mirroring_matches_nnunet_predictor_logits(cases, tmp_path: Path) -> None:
     """Real file, 2 folds, mirroring, separate-z export: confidence from nnunetv2's own logits."""
     case = "e2e_moved"
-    card = _nnunet_card(cases, case, tmp_path)
+    card = nnunet_result_card(cases, case, tmp_path)
     path = cases.nibabel_data(cases.CASES[case]["input"])
     options = SegmentOptions(device="cpu", tta=True, sw_batch_size=8, confidence=True)
     result = segment([path], card, options, network=FoldEnsemble(cases.toy_folds(case)))
@@ -362,7 +346,7 @@ def test_nnunet_segment_with_mirroring_matches_nnunet_predictor_logits(cases, tm
 def test_nnunet_sigmoid_region_model_through_segment(cases, tmp_path: Path) -> None:
     """A region card end to end: the worst region's binary entropy, on the file's grid."""
     case = "moved_sepz"
-    card = _nnunet_card(cases, case, tmp_path)
+    card = nnunet_result_card(cases, case, tmp_path)
     assert card.inference.output == "sigmoid_regions"
     path = cases.nibabel_data(cases.CASES[case]["input"])
     network = FoldEnsemble(cases.toy_folds(case))

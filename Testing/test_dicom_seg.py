@@ -21,7 +21,6 @@ from dicom_files import write_dicom_series
 from filesystems import fill_up, mounted_tmpfs
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
 from SegMambaSlicerLib.errors import ModelCardError
-from SegMambaSlicerLib.evaluation.phantom import MODALITIES, make_phantom, write_brats_case
 from SegMambaSlicerLib.io.atomic import OutputError
 from SegMambaSlicerLib.io.dicom_seg import (
     TISSUE,
@@ -33,7 +32,7 @@ from SegMambaSlicerLib.io.dicom_seg import (
 )
 from SegMambaSlicerLib.io.images import read_image
 from SegMambaSlicerLib.models.cards import LabelSpec, find_card
-from toy_models import write_tiny_brats_card
+from toy_models import case_inputs
 
 hd = pytest.importorskip("highdicom", reason="DICOM SEG output needs the 'dicom' extra (highdicom)")
 pydicom = pytest.importorskip("pydicom")
@@ -238,22 +237,6 @@ def test_an_empty_label_map_is_a_seg_with_empty_frames(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the command line
 
 
-@pytest.fixture(scope="module")
-def card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The BraTS card with a tiny SegMamba V1, 32³ windows and seeded random weights saved beside it."""
-    return write_tiny_brats_card(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture
-def case(tmp_path: Path) -> dict[str, Path]:
-    """A phantom case in the BraTS 2023 layout (t2w, t2f, t1n, t1c, seg)."""
-    return write_brats_case(make_phantom(shape=SHAPE, seed=1), tmp_path / "in", "Case")
-
-
-def _inputs(case: dict[str, Path]) -> list[str]:
-    return [str(case[key]) for key in MODALITIES]
-
-
 def _predict(card: Path, inputs: list[str], output: Path, *extra: str) -> list[str]:
     return ["predict", "--model", str(card), "-i", *inputs, "-o", str(output), "--device", "cpu", "--quiet",
             *extra]
@@ -268,7 +251,7 @@ def _one_line_error(err: str) -> str:
 def _dicom_first(case: dict[str, Path], folder: Path) -> tuple[list[str], dict[str, str]]:
     """The case's inputs with the first channel (T2W) given as a DICOM series folder."""
     tags = write_dicom_series(sitk.Cast(sitk.ReadImage(str(case["t2w"])), sitk.sitkInt16), folder)
-    return [str(folder), *_inputs(case)[1:]], tags
+    return [str(folder), *case_inputs(case)[1:]], tags
 
 
 def test_predict_writes_a_seg_equal_to_the_label_map_and_leaves_the_label_map_as_it_was(
@@ -298,7 +281,7 @@ def test_predict_writes_a_seg_equal_to_the_label_map_and_leaves_the_label_map_as
 
 def test_a_seg_of_inputs_that_are_no_dicom_series_is_refused_before_any_work(card_path, case, tmp_path,
                                                                             capsys) -> None:
-    for inputs in (_inputs(case), [str(case["t2w"].parent)]):  # image files; a case folder of them
+    for inputs in (case_inputs(case), [str(case["t2w"].parent)]):  # image files; a case folder of them
         code = main(_predict(card_path, inputs, tmp_path / "out" / "seg.nii.gz",
                              "--dicom-seg", str(tmp_path / "out" / "seg.dcm")))
         err = capsys.readouterr().err

@@ -11,7 +11,6 @@ window starts and exports.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from SegMambaSlicerLib.engine.inference import (
 )
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment, window_settings
 from SegMambaSlicerLib.engine.recipes.nnunet import nnunet_export, preprocess_nnunet
-from SegMambaSlicerLib.models.cards import card_from_dict
-from SegMambaSlicerLib.models.nnunet import FoldEnsemble, nnunet_card_data, settings_from_plans
+from SegMambaSlicerLib.models.nnunet import FoldEnsemble, settings_from_plans
+from toy_models import nnunet_result_card
 
 HERE = Path(__file__).resolve().parent / "fixtures_nnunet"
 pytest.importorskip("nibabel", reason="the reference volumes are nibabel's test data")
@@ -85,29 +84,10 @@ def test_importance_map_equals_nnunetv2(tile: tuple[int, int, int]) -> None:
     assert expected.max() == 10.0
 
 
-def _card(case: str, folder: Path):
-    plans, dataset_json = cases.plans_for(case), cases.dataset_for(case)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
-    for fold, net in enumerate(cases.toy_folds(case)):
-        (folder / f"fold_{fold}").mkdir()
-        torch.save({"network_weights": net.state_dict()}, folder / f"fold_{fold}" / "checkpoint_final.pth")
-    return card_from_dict(nnunet_card_data(
-        plans,
-        dataset_json,
-        "3d_fullres",
-        folder,
-        ("0", "1"),
-        "checkpoint_final.pth",
-        cases.TRAINER,
-        mirror_axes=cases.CASES[case]["mirror"],
-    ))
-
-
 @pytest.mark.parametrize("case", cases.E2E_CASES)
 def test_sliding_window_two_folds_and_mirroring_equal_nnunet_predictor(case: str, tmp_path: Path) -> None:
     """Padding, window starts, Gaussian blending, per-window mirroring, fold mean (float32 buffers)."""
-    card = _card(case, tmp_path)
+    card = nnunet_result_card(cases, case, tmp_path)
     settings = window_settings(card, SegmentOptions(device="cpu", tta=True, sw_batch_size=8))
     assert settings.tiling == "nnunet"
     image = torch.from_numpy(REF[f"{case}__input"])[None]
@@ -119,7 +99,7 @@ def test_sliding_window_two_folds_and_mirroring_equal_nnunet_predictor(case: str
 @pytest.mark.parametrize("case", cases.E2E_CASES)
 def test_segment_equals_nnunet_predictor_on_real_files(case: str, tmp_path: Path) -> None:
     """The whole pipeline on a real NIfTI file: read, preprocess, 2-fold ensemble, export, input geometry."""
-    card = _card(case, tmp_path)
+    card = nnunet_result_card(cases, case, tmp_path)
     path = cases.nibabel_data(cases.CASES[case]["input"])
     options = SegmentOptions(device="cpu", tta=cases.CASES[case]["mirror"] is not None, sw_batch_size=8)
     result = segment([path], card, options, network=FoldEnsemble(cases.toy_folds(case)))

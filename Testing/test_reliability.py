@@ -32,28 +32,12 @@ from SegMambaSlicerLib.evaluation.phantom import MODALITIES, make_phantom, write
 from SegMambaSlicerLib.io.atomic import OutputError, write_atomic
 from SegMambaSlicerLib.io.images import read_image
 from SegMambaSlicerLib.models.cards import Preprocessing
-from toy_models import PointwiseNet, pointwise_expected, toy_card, write_tiny_brats_card
+from toy_models import PointwiseNet, case_inputs, pointwise_expected, toy_card
 
 SHAPE = (40, 36, 24)
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The BraTS card with a tiny SegMamba V1, 32³ windows and seeded random weights saved beside it."""
-    return write_tiny_brats_card(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture
-def case(tmp_path: Path) -> dict[str, Path]:
-    """A phantom case in the BraTS 2023 layout (t2w, t2f, t1n, t1c, seg)."""
-    return write_brats_case(make_phantom(shape=SHAPE, seed=1), tmp_path / "in", "Case")
-
-
-def _inputs(case: dict[str, Path]) -> list[str]:
-    return [str(case[key]) for key in MODALITIES]
 
 
 def _predict(card: Path, inputs: list[str], output: Path, *extra: str) -> list[str]:
@@ -76,15 +60,15 @@ def _hidden(folder: Path) -> list[str]:
 def test_output_naming_an_input_is_refused_and_the_input_kept(card_path, case, capsys) -> None:
     t1c = case["t1c"]
     before = t1c.read_bytes()
-    assert main(_predict(card_path, _inputs(case), t1c)) == EXIT_USER_ERROR
+    assert main(_predict(card_path, case_inputs(case), t1c)) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "would destroy the input" in _one_line_error(err) and str(t1c) in err
     assert "reading images" not in err  # refused before any work
     link = t1c.parent / "link.nii.gz"
     link.symlink_to(t1c)
-    assert main(_predict(card_path, _inputs(case), link)) == EXIT_USER_ERROR
+    assert main(_predict(card_path, case_inputs(case), link)) == EXIT_USER_ERROR
     assert "would destroy the input" in _one_line_error(capsys.readouterr().err)
-    assert main(_predict(card_path, _inputs(case), case["seg"].with_name("out.nii.gz"),
+    assert main(_predict(card_path, case_inputs(case), case["seg"].with_name("out.nii.gz"),
                          "--seg-nrrd", str(t1c))) == EXIT_USER_ERROR  # not a .seg.nrrd name either
     assert t1c.read_bytes() == before
 
@@ -93,7 +77,7 @@ def test_output_inside_an_input_dicom_folder_is_refused(card_path, case, tmp_pat
     dicom = tmp_path / "t1c-dicom"
     write_dicom_series(sitk.Cast(sitk.ReadImage(str(case["t1c"])), sitk.sitkInt16), dicom)
     before = sorted(p.name for p in dicom.iterdir())
-    inputs = [*_inputs(case)[:3], str(dicom)]
+    inputs = [*case_inputs(case)[:3], str(dicom)]
     assert main(_predict(card_path, inputs, dicom / "seg.nii.gz")) == EXIT_USER_ERROR
     assert "inside the input folder" in _one_line_error(capsys.readouterr().err)
     assert sorted(p.name for p in dicom.iterdir()) == before
@@ -107,7 +91,7 @@ def test_full_disk_leaves_no_label_map_and_exits_1(card_path, case, tmp_path, ca
     """SimpleITK's NIfTI writer reports nothing on a full disk; the read-back must catch it."""
     with mounted_tmpfs(tmp_path / "disk", 256) as disk:
         fill_up(disk, leave)
-        code = main(_predict(card_path, _inputs(case), disk / name, "--quiet"))
+        code = main(_predict(card_path, case_inputs(case), disk / name, "--quiet"))
         err = capsys.readouterr().err
         assert code == EXIT_USER_ERROR
         assert "Could not write the label map" in _one_line_error(err)
@@ -142,7 +126,7 @@ def test_truncated_nifti_is_refused_naming_the_file(card_path, case, tmp_path, c
     damaged.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputImageError, match="damaged or incomplete"):
         read_image(damaged, "T1c")
-    assert main(_predict(card_path, [*_inputs(case)[:3], str(damaged)], tmp_path / "seg.nii.gz")) == 1
+    assert main(_predict(card_path, [*case_inputs(case)[:3], str(damaged)], tmp_path / "seg.nii.gz")) == 1
     line = _one_line_error(capsys.readouterr().err)
     assert str(damaged) in line and "damaged or incomplete" in line
     assert not (tmp_path / "seg.nii.gz").exists()
@@ -265,10 +249,10 @@ def test_output_problems_are_found_before_reading_the_images(card_path, case, tm
         (tmp_path / "seg.png", "Unsupported format"),
         (blocker / "seg.nii.gz", "Cannot write the label map into"),
     ):
-        assert main(_predict(card_path, _inputs(case), output)) == EXIT_USER_ERROR
+        assert main(_predict(card_path, case_inputs(case), output)) == EXIT_USER_ERROR
         err = capsys.readouterr().err
         assert said in _one_line_error(err) and "reading images" not in err
-    assert main(_predict(card_path, _inputs(case), tmp_path / "seg.nii.gz", "--seg-nrrd",
+    assert main(_predict(card_path, case_inputs(case), tmp_path / "seg.nii.gz", "--seg-nrrd",
                          str(tmp_path / "seg.nrrd"))) == EXIT_USER_ERROR
     assert "Unsupported format for the segmentation" in _one_line_error(capsys.readouterr().err)
 
@@ -277,7 +261,7 @@ def test_output_problems_are_found_before_pytorch_is_even_imported(card_path, ca
     """'In the first second': the checks need no model, so they run before the slow imports."""
     code = ("import sys\nfrom SegMambaSlicerLib.cli import main\nstatus = main(sys.argv[1:])\n"
             "sys.exit(status if 'torch' not in sys.modules else 99)\n")
-    for argv in (_predict(card_path, _inputs(case), case["t2w"]),
+    for argv in (_predict(card_path, case_inputs(case), case["t2w"]),
                  ["batch", str(tmp_path), str(case["t2w"]), "-m", str(card_path)]):
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode == EXIT_USER_ERROR, done.stderr
@@ -287,7 +271,7 @@ def test_output_problems_are_found_before_pytorch_is_even_imported(card_path, ca
 def test_a_read_only_file_system_is_refused_before_any_work(card_path, case, tmp_path, capsys) -> None:
     with mounted_tmpfs(tmp_path / "ro", 64, read_only=True) as ro:
         start = time.perf_counter()
-        assert main(_predict(card_path, _inputs(case), ro / "seg.nii.gz")) == EXIT_USER_ERROR
+        assert main(_predict(card_path, case_inputs(case), ro / "seg.nii.gz")) == EXIT_USER_ERROR
         seconds = time.perf_counter() - start
         err = capsys.readouterr().err
         assert "Read-only file system" in _one_line_error(err) and "reading images" not in err
@@ -303,14 +287,14 @@ def test_predict_removes_stale_temporaries_beside_its_outputs(card_path, case, t
     stale = [out / ".seg.nii.gz.0123456789ab.nii.gz", out / ".seg.seg.nrrd.0123456789ab.part"]
     for path in stale:
         path.write_bytes(b"left by a killed run")
-    assert main(_predict(card_path, _inputs(case), out / "seg.nii.gz", "--seg-nrrd", "--quiet")) == 0
+    assert main(_predict(card_path, case_inputs(case), out / "seg.nii.gz", "--seg-nrrd", "--quiet")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["seg.nii.gz", "seg.seg.nrrd"]
 
 
 def test_sigterm_during_a_write_removes_the_temporary_file_and_exits_143(card_path, case, tmp_path) -> None:
     """A real SIGTERM from another process while the label map is being written."""
     out, marker = tmp_path / "out", tmp_path / "writing"
-    argv = _predict(card_path, _inputs(case), out / "seg.nii.gz", "--quiet")
+    argv = _predict(card_path, case_inputs(case), out / "seg.nii.gz", "--quiet")
     body = "from SegMambaSlicerLib.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     code, err = signal_while_writing(tmp_path / "slow_predict.py", body, argv, marker)
     assert code == EXIT_TERMINATED, err
@@ -353,7 +337,7 @@ def test_a_missing_or_empty_folder_as_the_only_input_says_so(card_path, tmp_path
 
 
 def test_user_errors_outside_cards_are_one_line_not_unexpected(card_path, case, tmp_path, capsys) -> None:
-    fused = _predict(card_path, _inputs(case), tmp_path / "seg.nii.gz", "--scan-backend", "fused", "--quiet")
+    fused = _predict(card_path, case_inputs(case), tmp_path / "seg.nii.gz", "--scan-backend", "fused", "--quiet")
     if torch.cuda.is_available():
         pytest.skip("the fused backend may run here")
     assert main(fused) == EXIT_USER_ERROR
@@ -375,10 +359,10 @@ def test_predict_refuses_weights_that_differ_from_the_card_but_not_weights_given
     card["weights"] = {"kind": "file", "file": "tiny.pt", "sha256": "0" * 64}
     changed = folder / "changed.json"
     changed.write_text(json.dumps(card), encoding="utf-8")
-    assert main(_predict(changed, _inputs(case), tmp_path / "seg.nii.gz", "--quiet")) == EXIT_USER_ERROR
+    assert main(_predict(changed, case_inputs(case), tmp_path / "seg.nii.gz", "--quiet")) == EXIT_USER_ERROR
     line = _one_line_error(capsys.readouterr().err)
     assert "has SHA-256" in line and "0" * 64 in line and not (tmp_path / "seg.nii.gz").exists()
-    assert main(_predict(changed, _inputs(case), tmp_path / "seg.nii.gz", "--quiet",
+    assert main(_predict(changed, case_inputs(case), tmp_path / "seg.nii.gz", "--quiet",
                          "--weights", str(folder / "tiny.pt"))) == 0
 
 
@@ -395,6 +379,6 @@ def test_paths_with_spaces_and_non_ascii_characters_work_end_to_end(card_path, t
     (model / "tiny.pt").write_bytes((card_path.parent / "tiny.pt").read_bytes())
     (model / "card é.json").write_text(card_path.read_text(encoding="utf-8"), encoding="utf-8")
     out = root / "out put" / "séance.nii.gz"
-    assert main(_predict(model / "card é.json", _inputs(case), out, "--seg-nrrd", "--quiet")) == 0
+    assert main(_predict(model / "card é.json", case_inputs(case), out, "--seg-nrrd", "--quiet")) == 0
     assert sitk.ReadImage(str(out)).GetSize() == SHAPE
     assert (root / "out put" / "séance.seg.nrrd").is_file()

@@ -17,6 +17,11 @@ TINY_SEGMAMBA_KWARGS = {"in_chans": 4, "out_chans": 4, "feat_size": [48, 8, 8, 8
                         "depths": [1, 1, 1, 1], "nslices": [16, 8, 4, 2]}
 
 
+def case_inputs(case: dict[str, Path]) -> list[str]:
+    """The four channel files of a phantom case in the BraTS card's order (t2w, t2f, t1n, t1c)."""
+    return [str(case[key]) for key in ("t2w", "t2f", "t1n", "t1c")]
+
+
 def write_tiny_brats_card(folder: Path) -> Path:
     """The BraTS card with a tiny SegMamba V1 (32³ windows) and seeded random weights saved beside it.
 
@@ -90,3 +95,23 @@ class AxisGradientNet(nn.Module):
         grad = torch.diff(x[:, :1], dim=self.axis, append=x[:, :1].narrow(self.axis, -1, 1))
         grad = grad + torch.diff(x[:, :1], dim=self.axis, prepend=x[:, :1].narrow(self.axis, 0, 1))
         return torch.cat([torch.zeros_like(grad), grad], dim=1)
+
+
+def nnunet_result_card(cases: Any, case: str, folder: Path) -> ModelCard:
+    """An nnU-Net result folder (plans, dataset, two toy folds) of a reference case, and its card.
+
+    ``cases`` is Testing/fixtures_nnunet/make_reference.py loaded as a module: its plans, dataset and
+    toy fold networks are those the nnunetv2 reference outputs were computed with.
+    """
+    from SegMambaSlicerLib.models.nnunet import nnunet_card_data
+
+    plans, dataset_json = cases.plans_for(case), cases.dataset_for(case)
+    (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
+    (folder / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
+    for fold, net in enumerate(cases.toy_folds(case)):
+        (folder / f"fold_{fold}").mkdir()
+        torch.save({"network_weights": net.state_dict()}, folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return card_from_dict(nnunet_card_data(
+        plans, dataset_json, "3d_fullres", folder, ("0", "1"), "checkpoint_final.pth", cases.TRAINER,
+        mirror_axes=cases.CASES[case].get("mirror"),
+    ))
