@@ -104,6 +104,8 @@ class SegMambaSlicerParameterNode:
     fusedKernels: bool = True
     cpuThreads: Annotated[int, WithinRange(0, 256)] = 0  # 0: all cores but one (the worker's default)
     show3D: bool = True
+    showConfidence: bool = True
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
 class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -120,6 +122,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._result = None
         self._resultNode = None
+        self._comparison = None
         self._install = None
         self._cudaUsable = False
         self._kernelBuild = None
@@ -140,8 +143,6 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._install = InstallFlow(slicer_install_actions(self._log, self._showError),
                                     on_installed=self._refreshEnvironment)
         self.ui.inputVolumesWidget.setLayout(qt.QFormLayout())
-        self.ui.volumesTable.setColumnCount(2)
-        self.ui.volumesTable.setHorizontalHeaderLabels([_("Segment"), _("Volume (mL)")])
         self.ui.volumesTable.horizontalHeader().setStretchLastSection(True)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -159,6 +160,9 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self._onSegmentButton)
         self.ui.showRegionsRadioButton.connect("toggled(bool)", self._onDisplayModeChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self._onShow3DChanged)
+        self.ui.showConfidenceCheckBox.connect("toggled(bool)", self._onShowConfidenceChanged)
+        self.ui.confidenceThresholdSpinBox.connect("valueChanged(double)", self._onConfidenceThresholdChanged)
+        self.ui.priorSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onPriorChanged)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -187,7 +191,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
             self._endRun(_("Cancelled: the scene was closed."))
         self.setParameterNode(None)
-        self._result = self._resultNode = None
+        self._result = self._resultNode = self._comparison = None
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -389,20 +393,34 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ review
 
     def _showResult(self, node, result, referenceNode):
-        from SegMambaSlicerLib.slicer.logic import show_regions, show_surfaces, volume_rows
+        from SegMambaSlicerLib.slicer.logic import show_regions, show_surfaces
 
         self._result, self._resultNode = result, node
-        rows = volume_rows(result)
-        table = self.ui.volumesTable
-        table.setRowCount(len(rows))
-        for index, row in enumerate(rows):
-            name = qt.QTableWidgetItem(row.name if row.kind == "label" else f"{row.name} (region)")
-            name.setBackground(qt.QBrush(qt.QColor.fromRgbF(*row.color)))
-            table.setItem(index, 0, name)
-            table.setItem(index, 1, qt.QTableWidgetItem(f"{row.volume_ml:.2f}"))
         show_regions(node, result.card, self.ui.showRegionsRadioButton.checked)
         show_surfaces(node, self._parameterNode.show3D)
         slicer.util.setSliceViewerLayers(background=referenceNode, fit=True)
+        self._onShowConfidenceChanged(self._parameterNode.showConfidence)
+        self._onPriorChanged(self.ui.priorSelector.currentNode())
+
+    def _fillReviewTable(self):
+        """Copy the review table (volumes, low confidence, change against the prior) and its notes."""
+        if self._result is None:
+            return
+        from SegMambaSlicerLib.slicer.review import review_table
+
+        shown = review_table(self._result, self.ui.confidenceThresholdSpinBox.value, self._comparison)
+        table = self.ui.volumesTable
+        table.setColumnCount(len(shown.headers))
+        table.setHorizontalHeaderLabels(list(shown.headers))
+        table.setRowCount(len(shown.rows))
+        for index, row in enumerate(shown.rows):
+            name = qt.QTableWidgetItem(row.name)
+            if row.color is not None:
+                name.setBackground(qt.QBrush(qt.QColor.fromRgbF(*row.color)))
+            table.setItem(index, 0, name)
+            for column, cell in enumerate(row.cells, start=1):
+                table.setItem(index, column, qt.QTableWidgetItem(cell))
+        self.ui.reviewNotesLabel.text = "\n".join(shown.notes)
 
     def _onDisplayModeChanged(self, regions):
         if self._resultNode is not None:
@@ -415,6 +433,29 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from SegMambaSlicerLib.slicer.logic import show_surfaces
 
             show_surfaces(self._resultNode, visible)
+
+    def _onShowConfidenceChanged(self, visible):
+        if self._resultNode is not None:
+            from SegMambaSlicerLib.slicer.logic import show_confidence
+
+            show_confidence(self._resultNode, visible, self.ui.confidenceThresholdSpinBox.value)
+
+    def _onConfidenceThresholdChanged(self, threshold):
+        self._onShowConfidenceChanged(self.ui.showConfidenceCheckBox.checked)
+        self._fillReviewTable()
+
+    def _onPriorChanged(self, priorNode):
+        """Measure the chosen prior against the shown result (once per choice: lesions take a moment)."""
+        self._comparison = None
+        if self._result is not None and priorNode is not None:
+            from SegMambaSlicerLib.slicer.logic import prior_comparison
+
+            try:
+                with slicer.util.WaitCursor():
+                    self._comparison = prior_comparison(self._result, priorNode)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback when unexpected
+                self._showError(_("Cannot compare with {prior}.").format(prior=priorNode.GetName()), exc)
+        self._fillReviewTable()
 
     # ------------------------------------------------------------------ messages
 

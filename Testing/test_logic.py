@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
+from SegMambaSlicerLib.engine.pipeline import SegmentationResult, SegmentOptions, segment
 from SegMambaSlicerLib.errors import InputImageError
 from toy_models import PointwiseNet, toy_card
 
@@ -140,6 +140,149 @@ def test_display_switches_between_labels_and_regions_and_shows_surfaces(mrml_sce
     assert node.GetSegmentation().ContainsRepresentation("Closed surface") and display.GetVisibility3D()
     show_surfaces(node, False)
     assert not display.GetVisibility3D()
+
+
+# ---------------------------------------------------------------- review: confidence overlay, prior
+
+
+def _oblique_case(mrml_scene):
+    """(input node, its image): one channel on an oblique, anisotropic grid, bright block inside a body."""
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+
+    array = np.zeros((9, 14, 12), np.float32)
+    array[1:8, 2:12, 2:10] = 5.0
+    array[3:6, 5:9, 4:8] = 40.0
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 1.1, 2.5))
+    image.SetOrigin((3.0, -7.0, 11.0))
+    image.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.3).GetMatrix())
+    return volume_node_from_image(image, mrml_scene.scene, "t1"), image
+
+
+def test_a_result_with_confidence_adds_one_overlay_volume_on_the_input_grid(mrml_scene) -> None:
+    from SegMambaSlicerLib.slicer.logic import CONFIDENCE_COLOR_NODE_ID, CONFIDENCE_ROLE, SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import image_from_volume_node
+
+    node, image = _oblique_case(mrml_scene)
+    card = toy_card(channels=1, labels=1, roi=8)
+    net = PointwiseNet(np.array([[0.0], [0.2]]), np.array([0.0, -3.0]))  # unsure where 0.2 x ≈ 3
+    options = SegmentOptions(device="cpu", confidence=True)
+    logic = SegmentationLogic(mrml_scene.scene)
+    segmentation, result = logic.segment_nodes([node], card, options, network=net)
+    confidence = segmentation.GetNodeReference(CONFIDENCE_ROLE)
+    assert confidence.GetName() == f"{segmentation.GetName()} confidence"
+    assert confidence.IsA("vtkMRMLScalarVolumeNode") and not confidence.IsA("vtkMRMLLabelMapVolumeNode")
+    shown = image_from_volume_node(confidence)
+    for get in (sitk.Image.GetSize, sitk.Image.GetSpacing, sitk.Image.GetOrigin, sitk.Image.GetDirection):
+        np.testing.assert_allclose(get(shown), get(image), atol=1e-9)  # the input's grid
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(shown), sitk.GetArrayViewFromImage(result.confidence))
+    display = confidence.GetDisplayNode()
+    assert display.GetColorNodeID() == CONFIDENCE_COLOR_NODE_ID
+    assert (display.GetAutoWindowLevel(), display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0, 0.0, 1.0)
+    assert display.GetApplyThreshold() == 1 and display.GetAutoThreshold() == 0
+
+    again, _ = logic.segment_nodes([node], card, options, segmentation_node=segmentation, network=net)
+    replaced = again.GetNodeReference(CONFIDENCE_ROLE)
+    assert again is segmentation and replaced is not confidence
+    assert mrml_scene.scene.GetNodeByID(confidence.GetID()) is None  # the earlier run's volume is gone
+    names = [mrml_scene.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName()
+             for i in range(mrml_scene.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    assert names == ["t1", replaced.GetName()]
+    without, _ = logic.segment_nodes([node], card, CPU, network=net)
+    assert without.GetNodeReference(CONFIDENCE_ROLE) is None  # only when asked for
+
+
+def test_confidence_overlay_follows_the_checkbox_and_threshold_in_every_slice_view(mrml_scene) -> None:
+    import math
+
+    from SegMambaSlicerLib.slicer.logic import (
+        CONFIDENCE_OPACITY,
+        CONFIDENCE_ROLE,
+        SegmentationLogic,
+        show_confidence,
+    )
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+
+    scene = mrml_scene.scene
+    views = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    node, image = _oblique_case(mrml_scene)
+    card = toy_card(channels=1, labels=1, roi=8)
+    net = PointwiseNet(np.array([[0.0], [0.2]]), np.array([0.0, -3.0]))
+    segmentation, _ = SegmentationLogic(scene).segment_nodes(
+        [node], card, SegmentOptions(device="cpu", confidence=True), network=net)
+    overlay = segmentation.GetNodeReference(CONFIDENCE_ROLE)
+    other = volume_node_from_image(image, scene, "user's overlay")
+
+    show_confidence(segmentation, True, 0.5)
+    assert [v.GetForegroundVolumeID() for v in views] == [overlay.GetID()] * 3
+    assert [v.GetForegroundOpacity() for v in views] == [CONFIDENCE_OPACITY] * 3
+    display = overlay.GetDisplayNode()
+    assert display.GetLowerThreshold() == 0.0 and display.GetUpperThreshold() == math.nextafter(0.5, 0.0)
+    show_confidence(segmentation, True, 0.8)
+    assert display.GetUpperThreshold() == math.nextafter(0.8, 0.0)
+    views[2].SetForegroundVolumeID(other.GetID())  # the user put another volume in one view
+    show_confidence(segmentation, False, 0.8)
+    assert [v.GetForegroundVolumeID() for v in views] == [None, None, other.GetID()]
+
+
+def test_finishing_a_worker_run_imports_its_confidence(mrml_scene) -> None:
+    """The GUI's path: the worker's result (here a stand-in) reaches the scene with its confidence volume."""
+    from SegMambaSlicerLib.engine.volumes import volumes_ml
+    from SegMambaSlicerLib.slicer.logic import CONFIDENCE_ROLE, SegmentationLogic, SegmentationRun
+
+    node, image = _oblique_case(mrml_scene)
+    card = toy_card(channels=1, labels=1, roi=8)
+    labels = sitk.Cast(image > 20, sitk.sitkUInt8)
+    confidence = sitk.Cast(image, sitk.sitkFloat32) / 40.0
+    result = SegmentationResult(labels, card, "cpu", 1.0, 1, volumes_ml(labels, card), confidence=confidence)
+
+    class FinishedWorker:
+        def result(self) -> SegmentationResult:
+            return result
+
+    segmentation, got = SegmentationLogic(mrml_scene.scene).finish_segmentation(
+        SegmentationRun(FinishedWorker(), card, [node], None))
+    assert got is result and segmentation.GetNodeReference(CONFIDENCE_ROLE) is not None
+
+
+def _halved(image: sitk.Image) -> sitk.Image:
+    """The same space at half the spacing: each voxel splits into 2 x 2 x 2 whose nearest old voxel is it."""
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing())
+    fine = sitk.Image([2 * n for n in image.GetSize()], sitk.sitkUInt8)
+    fine.SetSpacing((spacing / 2).tolist())
+    fine.SetDirection(image.GetDirection())
+    fine.SetOrigin((np.asarray(image.GetOrigin()) - direction @ (spacing / 4)).tolist())
+    return sitk.Resample(image, fine, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
+def test_prior_segmentation_node_on_another_grid_is_compared_like_its_label_map(mrml_scene,
+                                                                               oblique_labelmap) -> None:
+    from SegMambaSlicerLib.engine.pipeline import SegmentationResult
+    from SegMambaSlicerLib.engine.volumes import volumes_ml
+    from SegMambaSlicerLib.evaluation.lesions import LesionError
+    from SegMambaSlicerLib.slicer.logic import prior_comparison
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+    from SegMambaSlicerLib.slicer.review import compare_with_prior
+
+    prior_map = sitk.Threshold(oblique_labelmap, 0, 3, 0)  # without the stray 7: a prior the card can read
+    prior_node, prior_result, _ = _imported_result(mrml_scene, prior_map)  # has region segments too
+    now = _halved(prior_map)
+    now_array = sitk.GetArrayFromImage(now)
+    now_array[now_array == 1] = 3  # the necrosis became enhancing
+    grown = sitk.GetImageFromArray(now_array)
+    grown.CopyInformation(now)
+    card = prior_result.card
+    result = SegmentationResult(grown, card, "cpu", 1.0, 1, volumes_ml(grown, card))
+
+    comparison = prior_comparison(result, prior_node)
+    assert comparison == compare_with_prior(result, prior_map, "The prior")
+    assert dict(comparison.prior_volumes_ml) == pytest.approx(prior_result.volumes, rel=1e-12)  # resampled exactly
+    assert comparison.enhancing.volume_ml == pytest.approx(prior_result.volumes["TC"], rel=1e-12)
+
+    odd = volume_node_from_image(oblique_labelmap, mrml_scene.scene, "odd labels", labelmap=True)
+    with pytest.raises(LesionError, match="The prior 'odd labels' holds the values 7"):
+        prior_comparison(result, odd)
 
 
 # ---------------------------------------------------------------- device list, info line, progress

@@ -191,3 +191,90 @@ def test_reusing_a_segmentation_node_replaces_its_segments(mrml_scene, oblique_l
     np.testing.assert_array_equal(
         sitk.GetArrayViewFromImage(exported), sitk.GetArrayViewFromImage(oblique_labelmap) == 3
     )
+
+
+# ---------------------------------------------------------------- a prior segmentation back as a label map
+
+
+def _without_stray(labelmap: sitk.Image) -> sitk.Image:
+    """The fixture's label map without its stray value 7, which no segment can hold."""
+    clean = sitk.GetImageFromArray(np.where(sitk.GetArrayViewFromImage(labelmap) == 7, 0,
+                                            sitk.GetArrayViewFromImage(labelmap)).astype(np.uint8))
+    clean.CopyInformation(labelmap)
+    return clean
+
+
+def test_prior_segmentation_comes_back_as_its_label_map_on_its_own_oblique_grid(mrml_scene, oblique_labelmap):
+    scene = mrml_scene.scene
+    reference = mrml.volume_node_from_image(sitk.Cast(oblique_labelmap, sitk.sitkInt16), scene, "t1c")
+    node = mrml.import_labelmap_to_segmentation(oblique_labelmap, LABELS, scene, reference_volume_node=reference)
+    nodes_before = scene.GetNumberOfNodes()
+    prior = mrml.prior_labelmap(node, LABELS)
+    assert scene.GetNumberOfNodes() == nodes_before  # nothing left behind in the scene
+    np.testing.assert_allclose(_index_to_lps(prior), _index_to_lps(oblique_labelmap), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(prior),
+                                  sitk.GetArrayFromImage(_without_stray(oblique_labelmap)))
+
+
+def test_prior_segments_are_found_by_name_or_abbreviation_and_get_the_models_values(mrml_scene,
+                                                                                   oblique_labelmap):
+    stored = sitk.GetArrayFromImage(_without_stray(oblique_labelmap))  # values 1 and 3
+    other_tool = sitk.GetImageFromArray(np.select([stored == 1, stored == 3], [7, 8], 0).astype(np.uint8))
+    other_tool.CopyInformation(oblique_labelmap)
+    named = [LabelSpec(7, "ncr", (1, 0, 0)), LabelSpec(8, "PERITUMORAL EDEMA", (0, 1, 0))]  # no enhancing segment
+    node = mrml.import_labelmap_to_segmentation(other_tool, named, mrml_scene.scene)
+    prior = mrml.prior_labelmap(node, LABELS)
+    expected = np.select([stored == 1, stored == 3], [1, 2], 0)  # NCR by abbreviation, edema by name
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(prior), expected)
+
+    unrelated = mrml.import_labelmap_to_segmentation(other_tool, [LabelSpec(7, "Liver", (1, 0, 0))],
+                                                     mrml_scene.scene)
+    with pytest.raises(InputImageError, match="has no segment named after the model's labels"):
+        mrml.prior_labelmap(unrelated, LABELS)
+
+
+def test_prior_segmentation_under_a_transform_and_label_map_volumes_are_where_the_user_sees_them(
+        mrml_scene, oblique_labelmap):
+    scene = mrml_scene.scene
+    node = mrml.import_labelmap_to_segmentation(oblique_labelmap, LABELS, scene)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    to_parent = vtk.vtkMatrix4x4()
+    to_parent.SetElement(1, 3, 7.5)  # 7.5 mm toward Anterior = -7.5 in LPS y
+    transform.SetMatrixTransformToParent(to_parent)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = mrml.prior_labelmap(node, LABELS)
+    np.testing.assert_allclose(np.asarray(moved.GetOrigin()) - oblique_labelmap.GetOrigin(), [0.0, -7.5, 0.0],
+                               atol=1e-9)
+
+    volume = mrml.volume_node_from_image(oblique_labelmap, scene, "prior labels", labelmap=True)
+    as_volume = mrml.prior_labelmap(volume, LABELS)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(as_volume), sitk.GetArrayViewFromImage(oblique_labelmap))
+
+
+def test_prior_segmentation_on_another_grid_compares_like_its_label_map(mrml_scene):
+    """The MRML conversion loses nothing: the change equals that of the label map file it was made from."""
+    from SegMambaSlicerLib.engine.pipeline import SegmentationResult
+    from SegMambaSlicerLib.engine.volumes import volumes_ml
+    from SegMambaSlicerLib.slicer.review import compare_with_prior
+
+    card = builtin_cards()["segmamba-brats2023"]
+    current = np.zeros((14, 40, 44), np.uint8)
+    current[3:11, 8:30, 10:34] = 2
+    current[5:9, 12:26, 14:30] = 3
+    now = sitk.GetImageFromArray(current)
+    now.SetSpacing((0.9, 0.9, 2.5))
+    now.SetOrigin((-20.0, -18.0, 4.0))
+    before_array = np.zeros((20, 26, 30), np.uint8)  # another grid of the same space: 1.3 mm, shifted, turned
+    before_array[4:16, 5:21, 6:24] = 2
+    before_array[6:14, 8:18, 9:21] = 3
+    before_array[9, 12, 14] = 1
+    before = sitk.GetImageFromArray(before_array)
+    before.SetSpacing((1.3, 1.3, 1.3))
+    before.SetOrigin((-21.0, -19.5, 2.0))
+    before.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.05).GetMatrix())
+    node = mrml.import_labelmap_to_segmentation(before, card.labels, mrml_scene.scene)
+    result = SegmentationResult(now, card, "cpu", 1.0, 1, volumes_ml(now, card))
+    through_mrml = compare_with_prior(result, mrml.prior_labelmap(node, card.labels), "The prior")
+    from_file = compare_with_prior(result, before, "The prior")
+    assert through_mrml == from_file
+    assert through_mrml.enhancing.prior_sum_of_products_mm2 > 0 and through_mrml.prior_volumes_ml["WT"] > 0

@@ -91,7 +91,8 @@ def test_segment_options_follow_the_parameter_node() -> None:
     parameters = SimpleNamespace(device="cuda:1", overlap=0.25, swBatchSize=4, tta=True, mixedPrecision=False,
                                  fusedKernels=False)
     assert segment_options(parameters) == SegmentOptions(
-        device="cuda:1", overlap=0.25, sw_batch_size=4, tta=True, mixed_precision=False, scan_backend="torch")
+        device="cuda:1", overlap=0.25, sw_batch_size=4, tta=True, mixed_precision=False, scan_backend="torch",
+        confidence=True)  # always: the review panel's overlay and low-confidence volumes need it
     defaults = SimpleNamespace(**{**vars(parameters), "device": "", "fusedKernels": True})
     assert (segment_options(defaults).device, segment_options(defaults).scan_backend) == ("auto", None)
 

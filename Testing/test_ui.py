@@ -29,7 +29,11 @@ EXPECTED_CLASSES = {
     "statusLabel": "QLabel",
     "showRegionsRadioButton": "QRadioButton",
     "show3DCheckBox": "QCheckBox",
+    "showConfidenceCheckBox": "QCheckBox",
+    "confidenceThresholdSpinBox": "QDoubleSpinBox",
+    "priorSelector": "qMRMLNodeComboBox",
     "volumesTable": "QTableWidget",
+    "reviewNotesLabel": "QLabel",
     "logTextEdit": "QPlainTextEdit",
 }
 # Widget classes the parameter node wrapper can bind to each parameter type.
@@ -126,3 +130,18 @@ def test_custom_widgets_are_declared_and_connections_name_real_widgets() -> None
                  if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
     mrml_widgets = {name for name, cls in widgets.items() if cls == "qMRMLNodeComboBox"}
     assert mrml_widgets <= receivers, "every qMRMLNodeComboBox in the .ui must receive the scene"
+
+
+def test_review_panel_offers_the_priors_the_logic_reads_and_a_0_to_1_threshold() -> None:
+    """The prior selector lists what ``mrml.prior_labelmap`` converts; the threshold spans the confidence range."""
+    widgets = {w.get("name"): w for w in _ui().iter("widget")}
+
+    def prop(widget: str, name: str) -> ET.Element:
+        return next(p for p in widgets[widget].findall("property") if p.get("name") == name)
+
+    node_types = [item.text for item in prop("priorSelector", "nodeTypes").iter("string")]
+    assert node_types == ["vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"]
+    assert float(prop("confidenceThresholdSpinBox", "maximum").find("double").text) == 1.0
+    minimum = [p for p in widgets["confidenceThresholdSpinBox"].findall("property") if p.get("name") == "minimum"]
+    assert not minimum  # QDoubleSpinBox's default minimum, 0
+    assert float(prop("confidenceThresholdSpinBox", "value").find("double").text) == 0.5

@@ -10,7 +10,10 @@ and on a headless slicer-core scene.
 Review display: each label is a segment sharing one labelmap layer; each derived region (e.g.
 BraTS TC/WT/ET) is an extra segment of the same segmentation on a layer of its own (regions
 overlap), hidden until the user switches the display to regions. The segment IDs are those of the
-CLI's .seg.nrrd files, so a saved result looks the same whichever way it was made.
+CLI's .seg.nrrd files, so a saved result looks the same whichever way it was made. A result with a
+confidence map also gets a scalar volume "<segmentation> confidence", referenced from the segmentation
+(role :data:`CONFIDENCE_ROLE`, so it is found again after the scene is saved and reloaded), shown as a
+colour overlay of the voxels below the review threshold; the table's numbers come from :mod:`.review`.
 """
 
 from __future__ import annotations
@@ -33,8 +36,15 @@ from ..io.seg_nrrd import segment_ids
 from ..models.cards import LabelSpec, ModelCard
 from ..run.worker import WorkerError, WorkerEvent, WorkerProcess
 from . import mrml
+from .review import PriorComparison, compare_with_prior
 
 _SCRATCH_NODE_NAME = "SegMamba region (temporary)"
+#: Node reference role from a result segmentation to its confidence volume.
+CONFIDENCE_ROLE = "SegMambaConfidence"
+#: Red (least sure) to blue: Slicer's HotToColdRainbow table (Base/Logic/Resources/ColorFiles, 5.10-5.12).
+CONFIDENCE_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileHotToColdRainbow.txt"
+#: Opacity of the confidence overlay: the anatomy stays readable under it.
+CONFIDENCE_OPACITY = 0.4
 
 
 # ---------------------------------------------------------------- device list and info line
@@ -196,6 +206,52 @@ def show_surfaces(segmentation_node: object, visible: bool) -> None:
     if visible:
         segmentation_node.CreateClosedSurfaceRepresentation()
     segmentation_node.GetDisplayNode().SetVisibility3D(visible)
+
+
+def add_confidence_volume(segmentation_node: object, confidence: sitk.Image, scene: object) -> object:
+    """Add the confidence map as "<segmentation> confidence" (replacing the one of an earlier run).
+
+    Coloured on a fixed 0-1 window, so that a colour means the same confidence in every case; the threshold
+    that hides the confident voxels is set by :func:`show_confidence`.
+    """
+    earlier = segmentation_node.GetNodeReference(CONFIDENCE_ROLE)
+    if earlier is not None:
+        scene.RemoveNode(earlier)
+    node = mrml.volume_node_from_image(confidence, scene, f"{segmentation_node.GetName()} confidence")
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(CONFIDENCE_COLOR_NODE_ID)
+    display.SetAutoWindowLevel(0)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetAutoThreshold(0)
+    display.SetApplyThreshold(1)
+    segmentation_node.SetNodeReferenceID(CONFIDENCE_ROLE, node.GetID())
+    return node
+
+
+def show_confidence(segmentation_node: object, visible: bool, threshold: float) -> None:
+    """Overlay the voxels whose confidence is below ``threshold`` in every slice view, or take the overlay away.
+
+    The upper display threshold is the largest value below ``threshold``, so the overlay shows exactly the
+    voxels the review table counts. Hiding leaves a foreground the user chose for another volume alone.
+    """
+    node = segmentation_node.GetNodeReference(CONFIDENCE_ROLE)
+    if node is None:
+        return
+    node.GetDisplayNode().SetThreshold(0.0, math.nextafter(threshold, -math.inf))
+    scene = segmentation_node.GetScene()
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        if visible:
+            composite.SetForegroundVolumeID(node.GetID())
+            composite.SetForegroundOpacity(CONFIDENCE_OPACITY)
+        elif composite.GetForegroundVolumeID() == node.GetID():
+            composite.SetForegroundVolumeID(None)
+
+
+def prior_comparison(result: SegmentationResult, prior_node: object) -> PriorComparison:
+    """Compare a result with a prior segmentation or label map node of the same patient space (not registered)."""
+    prior = mrml.prior_labelmap(prior_node, result.card.labels)
+    return compare_with_prior(result, prior, f"The prior '{prior_node.GetName()}'")
 
 
 def _add_region_segments(node: object, labelmap: sitk.Image, card: ModelCard, scene: object) -> None:
@@ -371,13 +427,16 @@ class SegmentationLogic:
     def import_result(
         self, result: SegmentationResult, reference_node: object, segmentation_node: object | None = None
     ) -> object:
-        """Write a result into a segmentation node: label segments shown, region segments hidden."""
+        """Write a result into a segmentation node: label segments shown, region segments hidden, and the
+        confidence map (when the result has one) as a volume the segmentation references."""
         card = result.card
         node = mrml.import_labelmap_to_segmentation(
             result.labelmap, card.labels, self.scene, segmentation_node=segmentation_node,
             reference_volume_node=reference_node, name=f"{reference_node.GetName()} {card.id} segmentation",
         )
         _add_region_segments(node, result.labelmap, card, self.scene)
+        if result.confidence is not None:
+            add_confidence_volume(node, result.confidence, self.scene)
         return node
 
     @staticmethod

@@ -163,14 +163,18 @@ def _world_ijk_to_ras(node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     """IJK-to-RAS of a volume including a linear parent transform, i.e. where the user sees it."""
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    ras = _numpy_matrix(matrix)
+    return _in_world(node, _numpy_matrix(matrix))
+
+
+def _in_world(node: slicer.vtkMRMLTransformableNode, ras: np.ndarray) -> np.ndarray:
+    """An IJK-to-RAS matrix of ``node``'s voxels moved by its linear parent transform (voxels are not resampled)."""
     transform_node = node.GetParentTransformNode()
     if transform_node is None:
         return ras
     if not transform_node.IsTransformToWorldLinear():
         raise InputImageError(
-            f"Volume '{node.GetName()}' is under a non-linear transform. Harden the transform "
-            "(Transforms module, 'Harden transform') before segmenting it."
+            f"'{node.GetName()}' is under a non-linear transform. Harden the transform "
+            "(Transforms module, 'Harden transform') before using it."
         )
     to_world = vtk.vtkMatrix4x4()
     transform_node.GetMatrixTransformToWorld(to_world)
@@ -321,3 +325,68 @@ def _segment(label: LabelSpec, layer: slicer.vtkOrientedImageData) -> slicer.vtk
             slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_tag_value(label.terminology)
         )
     return segment
+
+
+def prior_labelmap(node: slicer.vtkMRMLNode, labels: Sequence[LabelSpec]) -> sitk.Image:
+    """A prior result (segmentation, or label map volume) as a label map with the labels' values, on its own grid.
+
+    Comparing against another scan then resamples the prior once, as the ``measure`` command does.
+    """
+    if isinstance(node, slicer.vtkMRMLSegmentationNode):
+        return _segmentation_labelmap(node, labels)
+    return image_from_volume_node(node)
+
+
+def _segmentation_labelmap(node: slicer.vtkMRMLSegmentationNode, labels: Sequence[LabelSpec]) -> sitk.Image:
+    """The label segments of a segmentation merged into one label map.
+
+    Segments are matched to labels by segment ID (this module's and the CLI's .seg.nrrd files use the label
+    names), else by segment name or the label's abbreviation (case-insensitive); other segments, such as the
+    derived regions, are left out. The grid is the segmentation's reference geometry, grown to hold every
+    segment.
+    """
+    segmentation = node.GetSegmentation()
+    chosen = vtk.vtkStringArray()
+    values = vtk.vtkIntArray()
+    for label, label_id in zip(labels, segment_ids(labels), strict=True):
+        found = _segment_for(segmentation, label, label_id)
+        if found:
+            chosen.InsertNextValue(found)
+            values.InsertNextValue(label.value)
+    if chosen.GetNumberOfValues() == 0:
+        names = ", ".join(label.name for label in labels)
+        raise InputImageError(f"Segmentation '{node.GetName()}' has no segment named after the model's labels "
+                              f"({names}); choose a segmentation made with the same model.")
+    merged = slicer.vtkOrientedImageData()
+    if not (segmentation.CreateRepresentation(_BINARY_LABELMAP) and node.GenerateMergedLabelmapForAllSegments(
+            merged, slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS_AND_REFERENCE_GEOMETRY, None,
+            chosen, values)):
+        raise InputImageError(f"Segmentation '{node.GetName()}' cannot be turned into a label map.")
+    return _image_from_oriented(merged, node)
+
+
+def _segment_for(segmentation: slicer.vtkSegmentation, label: LabelSpec, label_id: str) -> str:
+    """The ID of the segment holding ``label`` ("" when none does): by ID, then by name or abbreviation."""
+    if segmentation.GetSegment(label_id) is not None:
+        return label_id
+    for name in filter(None, (label.name, label.abbreviation)):
+        found = segmentation.GetSegmentIdBySegmentName(name)
+        if found:
+            return found
+    return ""
+
+
+def _image_from_oriented(layer: slicer.vtkOrientedImageData, node: slicer.vtkMRMLSegmentationNode) -> sitk.Image:
+    """A copy of a segmentation's labelmap as a SimpleITK image in world space (the node's transform applied)."""
+    extent = layer.GetExtent()
+    dims = [extent[2 * axis + 1] - extent[2 * axis] + 1 for axis in range(3)]
+    if min(dims) < 1:
+        raise InputImageError(f"Segmentation '{node.GetName()}' is empty: there is nothing to compare with.")
+    flat = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())
+    image = sitk.GetImageFromArray(flat.reshape(dims[2], dims[1], dims[0]))
+    matrix = vtk.vtkMatrix4x4()
+    layer.GetImageToWorldMatrix(matrix)
+    ras = _numpy_matrix(matrix)
+    ras[:, 3] = ras @ np.array([extent[0], extent[2], extent[4], 1.0])  # the array starts at the extent's corner
+    _set_geometry_from_ijk_to_ras(image, _in_world(node, ras))
+    return image

@@ -80,13 +80,17 @@ class RunParameters(Protocol):
 
 
 def segment_options(parameters: RunParameters) -> SegmentOptions:
-    """The pipeline options for the choices in the parameter node; no fused kernels means the torch scan."""
+    """The pipeline options for the choices in the parameter node; no fused kernels means the torch scan.
+
+    The confidence map is always asked for: it comes from the logits the label map is taken from (no extra
+    network pass), and the review panel's overlay and low-confidence volumes need it.
+    """
     from ..engine.pipeline import SegmentOptions
 
     p = parameters
     return SegmentOptions(
         device=p.device or "auto", overlap=p.overlap, sw_batch_size=p.swBatchSize, tta=p.tta,
-        mixed_precision=p.mixedPrecision, scan_backend=None if p.fusedKernels else "torch")
+        mixed_precision=p.mixedPrecision, scan_backend=None if p.fusedKernels else "torch", confidence=True)
 
 
 def finished_status(result: SegmentationResult) -> str:
