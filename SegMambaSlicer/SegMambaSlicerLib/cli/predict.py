@@ -1,4 +1,4 @@
-"""``segmamba-slicer predict``: segment one case into a label map (optionally a .seg.nrrd and a DICOM SEG).
+"""``segmamba-slicer predict``: segment one case into a label map; on request a .seg.nrrd, DICOM SEG, report.
 
 The outputs are checked before PyTorch is imported, so a wrong path is refused within a second rather
 than after the model has loaded; keep the slow imports below :func:`check_outputs` in :func:`run`.
@@ -31,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dicom-seg", type=Path, metavar="PATH",
                    help="also write a DICOM Segmentation (.dcm) that references the first input, which must be "
                    "a DICOM series folder (needs highdicom: pip install 'segmamba-slicer[dicom]')")
+    p.add_argument("--report", type=Path, metavar="PATH",
+                   help="also write a one-page PDF report: model, settings, views through the largest "
+                   "lesion, region and lesion measurements, confidence per region (computes the confidence)")
     add_run_options(p)
     p.set_defaults(func=run)
     return p
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seg_nrrd:
         seg_path = Path(args.seg_nrrd) if args.seg_nrrd != "auto" else seg_nrrd_beside(args.output)
     check_outputs(args.input, label_map=args.output, segmentation=seg_path, dicom_seg=args.dicom_seg,
-                  confidence=args.confidence)
+                  confidence=args.confidence, report=args.report)
     source = None
     if args.dicom_seg is not None:  # headers only, fast: a series the SEG cannot reference stops us here
         from ..io.dicom_seg import read_source_series
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         source = read_source_series(Path(args.input[0]))
 
     from ..engine.pipeline import segment
-    from ..io.images import resolve_inputs, write_image_atomic
+    from ..io.images import read_image, resolve_inputs, write_image_atomic
     from ..models.registry import resolve_model
 
     card = resolve_model(args.model)
@@ -59,13 +62,14 @@ def run(args: argparse.Namespace) -> int:
 
         check_labels(card.labels)
     inputs = resolve_inputs(args.input, card)
-    options = dataclasses.replace(segment_options(args), confidence=args.confidence is not None)
+    wants_confidence = args.confidence is not None or args.report is not None  # the report summarises it
+    options = dataclasses.replace(segment_options(args), confidence=wants_confidence)
     result = segment(inputs, card, options, progress=progress_bar(args))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = write_image_atomic(result.labelmap, args.output)
     print(f"label map: {out}")
-    if result.confidence is not None:
+    if args.confidence is not None:
         print(f"confidence: {write_image_atomic(result.confidence, args.confidence, what='confidence map')}")
     if seg_path is not None:
         from ..io.seg_nrrd import write_seg_nrrd
@@ -78,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
         written = write_dicom_seg(result.labelmap, card.labels, source, args.dicom_seg,
                                   algorithm_name=card.display_name, algorithm_version=card.id)
         print(f"DICOM segmentation: {written}")
+    if args.report is not None:
+        from ..evaluation.case_report import write_case_report
+
+        first = read_image(inputs[0], name=card.channels[0].display_name)
+        print(f"report: {write_case_report(args.report, result, first, options, inputs)}")
     print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
     for name, ml in result.volumes.items():
         print(f"  {name}: {ml:.2f} mL")
@@ -90,6 +99,7 @@ def check_outputs(
     segmentation: Path | None = None,
     dicom_seg: Path | None = None,
     confidence: Path | None = None,
+    report: Path | None = None,
 ) -> None:
     """Before any work: every output can be written, replaces no input and no other output.
 
@@ -111,6 +121,8 @@ def check_outputs(
         named.append(("segmentation", check_writable(segmentation, suffixes=(".seg.nrrd",), what="segmentation")))
     if confidence is not None:
         named.append(("confidence map", check_writable(confidence, suffixes=LABELMAP_SUFFIXES, what="confidence map")))
+    if report is not None:
+        named.append(("report", check_writable(report, suffixes=(".pdf",), what="report")))
     if dicom_seg is not None:
         named.append(("DICOM segmentation",
                       check_writable(dicom_seg, suffixes=DICOM_SEG_SUFFIXES, what="DICOM segmentation")))

@@ -132,7 +132,7 @@ def write_preview_png(
         from matplotlib.patches import Patch
     except ImportError as exc:
         raise ReportError(f"The PNG preview needs matplotlib (pip install matplotlib): {exc}.") from None
-    low, high = _window(sitk.GetArrayViewFromImage(first))
+    low, high = grey_window(sitk.GetArrayViewFromImage(first))
     colours = _colour_table(card)
     figure = Figure(figsize=(13.5, 5.0), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -153,7 +153,7 @@ def write_preview_png(
     return write_bytes_atomic(path, buffer.getvalue(), what="preview")
 
 
-def _window(array: np.ndarray) -> tuple[float, float]:
+def grey_window(array: np.ndarray) -> tuple[float, float]:
     """Grey-scale limits from the non-zero voxels (skull-stripped inputs have a zero background)."""
     values = array[array != 0]
     if values.size == 0:
