@@ -26,7 +26,8 @@ from .errors import (
 )
 from .io.atomic import OutputError
 
-#: Public name -> the module (relative to this package) that defines it; loaded on first access.
+#: Public name -> the module (relative to this package) that defines it, or "module:name" where the public
+#: name differs; loaded on first access.
 _LAZY = {
     "segment": "engine.pipeline",
     "SegmentOptions": "engine.pipeline",
@@ -41,6 +42,12 @@ _LAZY = {
     "all_cards": "models.registry",
     "import_weights": "models.registry",
     "download_weights": "models.registry",
+    "write_seg_nrrd": "io.seg_nrrd",
+    "write_dicom_seg": "io.dicom_seg",
+    "read_source_series": "io.dicom_seg",
+    "measure_lesions": "evaluation.lesions:measure",
+    "compare_lesions": "evaluation.lesions:compare",
+    "write_case_report": "evaluation.case_report",
 }
 
 __all__ = [
@@ -56,21 +63,28 @@ __all__ = [
     "SegmentOptions",
     "SegmentationResult",
     "all_cards",
+    "compare_lesions",
     "download_weights",
     "find_card",
     "import_weights",
     "load_card",
     "load_network",
+    "measure_lesions",
+    "read_source_series",
     "resolve_model",
     "segment",
     "segment_folder",
+    "write_case_report",
+    "write_dicom_seg",
+    "write_seg_nrrd",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    module, _, attribute = _LAZY[name].partition(":")  # "module:attribute" where the names differ
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute or name)
     globals()[name] = value  # later look-ups skip this function
     return value
 
