@@ -103,6 +103,7 @@ class SegMambaSlicerParameterNode:
     mixedPrecision: bool = True
     fusedKernels: bool = True
     cpuThreads: Annotated[int, WithinRange(0, 256)] = 0  # 0: all cores but one (the worker's default)
+    workerIdleMinutes: Annotated[int, WithinRange(0, 1440)] = 10  # 0: the worker ends after each run
     show3D: bool = True
     showConfidence: bool = True
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -171,10 +172,11 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refreshEnvironment()
 
     def cleanup(self):
-        """Called when the application closes: stop a running worker, drop observers."""
+        """Called when the application closes: stop a running worker, end the warm one, drop observers."""
         if self._run is not None:
             self._run.cancel()
             self._run = None
+        self.logic.releaseWorker()
         self._timer.stop()
         self.removeObservers()
 
@@ -347,7 +349,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             options = panels.segment_options(self._parameterNode)
             self._run = self.logic.start(nodes, card, options, self._parameterNode.outputSegmentation,
-                                         threads=self._parameterNode.cpuThreads or None)
+                                         threads=self._parameterNode.cpuThreads or None,
+                                         idleTimeout=60.0 * self._parameterNode.workerIdleMinutes)
         except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback when unexpected
             self._showError(_("Cannot start the segmentation."), exc)
             return
@@ -524,12 +527,19 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
 
         return segment_folder(inputDir, outputDir, model, options, **kwargs)
 
-    def start(self, inputNodes, card, options=None, segmentationNode=None, threads=None):
+    def start(self, inputNodes, card, options=None, segmentationNode=None, threads=None, idleTimeout=None):
         """Start a background segmentation; poll the returned run, then call :meth:`finish`.
 
-        ``threads`` (CPU threads of the worker) None leaves one core free for Slicer.
+        ``threads`` (CPU threads of the worker) None leaves one core free for Slicer. The worker process
+        stays warm, with the network loaded, for ``idleTimeout`` seconds after the run (None: unchanged).
         """
-        return self.impl.start_segmentation(inputNodes, card, options, segmentationNode, threads=threads)
+        return self.impl.start_segmentation(inputNodes, card, options, segmentationNode, threads=threads,
+                                            idle_timeout=idleTimeout)
+
+    def releaseWorker(self):
+        """End the warm worker process now, giving back the memory its network holds (no-op before a run)."""
+        if self._impl is not None:
+            self._impl.worker.release()
 
     def finish(self, run):
         """Import a finished run's result; returns (segmentation node, result) or raises its error."""

@@ -375,6 +375,12 @@ def test_run_updates_turn_worker_events_into_progress_bar_states_and_log_lines()
         RunUpdate(750, "window 3/4 · about 0:10 left"),  # 30 s for three quarters
     ]
     assert run.updates() == []
+    warm = [WorkerEvent("network", data={"reused": False, "loads": 1, "pid": 42}),
+            WorkerEvent("network", data={"reused": True, "loads": 1, "pid": 42})]
+    assert SegmentationRun(_ScriptedWorker(warm), None, [], None).updates() == [
+        RunUpdate(log="Worker process 42 loaded the network."),
+        RunUpdate(log="Worker process 42 reused the network it had loaded."),
+    ]
 
 
 def test_starting_without_weights_fails_at_once_with_the_cards_instructions(mrml_scene) -> None:
@@ -414,3 +420,40 @@ def test_node_groups_are_segmented_case_by_case_with_overall_progress(mrml_scene
     assert len(out) == 2 and out[0][0] is not out[1][0]
     assert [int((sitk.GetArrayFromImage(r.labelmap) == 1).sum()) for _, r in out] == expected
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and min(seen) < 0.5 < max(seen)
+
+
+def test_background_runs_reuse_the_warm_worker_and_match_the_in_process_run(
+    mrml_scene, card_path: Path, case: dict[str, Path], one_thread
+) -> None:
+    """The GUI's path twice, then the console's ``in_worker=True``: one process, the network loaded once."""
+    import time
+
+    from SegMambaSlicerLib.models.cards import load_card
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+
+    card = load_card(card_path)
+    nodes = [volume_node_from_image(sitk.ReadImage(str(case[c.key])), mrml_scene.scene, c.key)
+             for c in card.channels]
+    logic = SegmentationLogic(mrml_scene.scene)
+    logs, pids, labelmaps = [], [], []
+    try:
+        for _ in range(2):
+            run = logic.start_segmentation(nodes, card, CPU, threads=1, idle_timeout=30.0)
+            pids.append(logic.worker.pid)
+            while not run.finished:  # what the widget's timer does
+                logs += [update.log for update in run.updates() if update.log]
+                time.sleep(0.02)
+            labelmaps.append(logic.finish_segmentation(run)[1].labelmap)
+        _, console = logic.segment_nodes(nodes, card, CPU, in_worker=True)
+        assert pids[0] == pids[1] == logic.worker.pid is not None and logic.worker.idle_timeout == 30.0
+        assert [line.split(" ", 3)[3] for line in logs if "network" in line] == [
+            "loaded the network.", "reused the network it had loaded."]
+        _, in_process = logic.segment_nodes(nodes, card, CPU)
+        want = sitk.GetArrayFromImage(in_process.labelmap)
+        assert set(np.unique(want)) == {0, 1, 2, 3}  # a real comparison
+        for labelmap in (*labelmaps, console.labelmap):
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(labelmap), want)
+    finally:
+        logic.worker.release()
+    assert logic.worker.pid is None

@@ -145,3 +145,26 @@ def test_review_panel_offers_the_priors_the_logic_reads_and_a_0_to_1_threshold()
     minimum = [p for p in widgets["confidenceThresholdSpinBox"].findall("property") if p.get("name") == "minimum"]
     assert not minimum  # QDoubleSpinBox's default minimum, 0
     assert float(prop("confidenceThresholdSpinBox", "value").find("double").text) == 0.5
+
+
+def _parameter_default_and_range(name: str) -> tuple[object, tuple[object, ...]]:
+    """The default and the ``WithinRange(low, high)`` of one parameter node field, from the module file."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    field = next(n for n in ast.walk(tree)
+                 if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == name)
+    within = field.annotation.slice.elts[1]
+    return ast.literal_eval(field.value), tuple(ast.literal_eval(arg) for arg in within.args)
+
+
+def test_the_keep_loaded_setting_matches_the_parameter_and_the_workers_default_timeout() -> None:
+    """The spin box shows the parameter's default and range (minutes), the warm worker's own default, and
+    names 0 (the worker frees its memory after each run) instead of showing a bare 0."""
+    from SegMambaSlicerLib.run.worker import DEFAULT_IDLE_TIMEOUT
+
+    widget = next(w for w in _ui().iter("widget") if w.get("name") == "workerIdleSpinBox")
+    props = {p.get("name"): p for p in widget.findall("property")}
+    number = {key: int(props[key].find("number").text) for key in ("value", "minimum", "maximum")}
+    default, (low, high) = _parameter_default_and_range("workerIdleMinutes")
+    assert number["value"] == default == DEFAULT_IDLE_TIMEOUT / 60
+    assert (number["minimum"], number["maximum"]) == (low, high) and low == 0
+    assert props["specialValueText"].find("string").text

@@ -21,11 +21,12 @@ import SimpleITK as sitk
 import torch
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segment
 from SegMambaSlicerLib.errors import CancelledError, CheckpointError
-from SegMambaSlicerLib.models.cards import load_card
+from SegMambaSlicerLib.models.cards import card_to_dict, load_card
 from SegMambaSlicerLib.networks import build_network
 from SegMambaSlicerLib.run import worker_child
 from SegMambaSlicerLib.run.worker import (
     MPS_FALLBACK_VARIABLE,
+    WarmWorker,
     WorkerCrashedError,
     WorkerError,
     WorkerEvent,
@@ -41,8 +42,8 @@ from SegMambaSlicerLib.run.worker import (
     usable_cpu_count,
     worker_environment,
 )
-from SegMambaSlicerLib.run.worker_child import is_out_of_memory
-from SegMambaSlicerLib.run.worker_protocol import CHILD_MODULE, format_event
+from SegMambaSlicerLib.run.worker_child import is_out_of_memory, network_key
+from SegMambaSlicerLib.run.worker_protocol import CHILD_MODULE, format_event, format_job_line, parse_job_line
 
 LIB_PARENT = Path(__file__).resolve().parents[1] / "SegMambaSlicer"
 
@@ -101,6 +102,20 @@ def _wait_for(worker: WorkerProcess, wanted, timeout: float = 120.0) -> list[Wor
         time.sleep(0.02)
     worker.cancel()
     pytest.fail(f"worker did not report the expected event in {timeout} s; got {[e.kind for e in seen]}")
+
+
+def _finish(job: WorkerProcess) -> list[WorkerEvent]:
+    """Poll a started job to its end; returns its events."""
+    return _wait_for(job, lambda e: e.kind == "finished")
+
+
+def _network_events(events: list[WorkerEvent]) -> list[tuple[bool, int]]:
+    """(reused, loads so far in the process) of each ``network`` event."""
+    return [(e.data["reused"], e.data["loads"]) for e in events if e.kind == "network"]
+
+
+def _labels(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
 
 
 def _group_gone(pgid: int, deadline: float) -> bool:
@@ -218,6 +233,35 @@ def test_npz_hand_over_keeps_voxels_and_geometry_bit_exact(tmp_path: Path, obliq
         assert back.GetDirection() == original.GetDirection()
 
 
+def test_job_lines_carry_any_path_on_one_ascii_line() -> None:
+    path = Path("C:/Temp/Ünïcode folder with spaces/new\nline/job.json")
+    line = format_job_line(path)
+    assert line.endswith("\n") and line.count("\n") == 1 and line.isascii()
+    assert parse_job_line(line) == path
+
+
+def test_the_network_key_changes_with_what_the_network_is_built_from(tiny_card, tmp_path: Path) -> None:
+    """Same card, weights file, folds, device and scan backend: reused; any of them changed: built anew."""
+    job = {"card": card_to_dict(tiny_card), "card_path": str(tiny_card.source_path)}
+    key = network_key(job, tiny_card, CPU, "cpu")
+    window_options = SegmentOptions(device="cpu", overlap=0.25, tta=True)  # no part of the network
+    assert network_key(dict(job), tiny_card, window_options, "cpu") == key
+    assert network_key(job, tiny_card, CPU, "cuda:0") != key
+    assert network_key(job, tiny_card, SegmentOptions(scan_backend="torch"), "cpu") != key
+    assert network_key(job, tiny_card, SegmentOptions(folds=[0]), "cpu") != key
+    other = tmp_path / "other.pt"
+    shutil.copy(tiny_card.weights_path(), other)
+    assert network_key(job, tiny_card, SegmentOptions(weights=str(other)), "cpu") != key
+    renamed = {**job, "card": {**job["card"], "id": "tiny-2"}}
+    assert network_key(renamed, tiny_card, CPU, "cpu") != key
+    stat = tiny_card.weights_path().stat()
+    os.utime(tiny_card.weights_path(), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**6))  # replaced in place
+    try:
+        assert network_key(job, tiny_card, CPU, "cpu") != key
+    finally:
+        os.utime(tiny_card.weights_path(), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_event_lines_parse_and_stray_output_becomes_log() -> None:
     line = format_event("result", output="C:/Temp/Ünïcode folder/labelmap.npz", volumes={"Lesion": 1.5})
     assert line.endswith("\n") and line.count("\n") == 1 and line.isascii()
@@ -305,9 +349,10 @@ def test_parent_starts_the_child_module_with_its_environment_and_default_threads
     monkeypatch.delenv(MPS_FALLBACK_VARIABLE, raising=False)
     seen = tmp_path / "seen"
     seen.mkdir()
-    python = _fake_python(tmp_path, f'echo "$1 $2" > "{seen}/argv"\n'
+    python = _fake_python(tmp_path, f'echo "$@" > "{seen}/argv"\n'
                                     f'echo "${MPS_FALLBACK_VARIABLE}" > "{seen}/mps"\n'
-                                    f'cp "$3" "{seen}/job.json"\nexit 1\n')
+                                    'read -r line; job="${line#\\"}"\n'  # the job path: a JSON string
+                                    f'cp "${{job%\\"}}" "{seen}/job.json"\nexit 1\n')
     with pytest.raises(WorkerCrashedError, match="exited with code 1"):
         WorkerProcess([_volume((8, 8, 8))], tiny_card, CPU, python=python).run()
     assert (seen / "argv").read_text().split() == ["-m", "SegMambaSlicerLib.run.worker_child"]
@@ -415,3 +460,148 @@ def test_worker_exits_when_its_parent_goes_away(tiny_card) -> None:
     with pytest.raises(WorkerCrashedError, match="exited with code 3"):
         worker.result()
 
+
+
+# ---------------------------------------------------------------- the warm worker (real child processes)
+
+
+@pytest.fixture
+def other_card(tiny_card, tmp_path: Path):
+    """Another model of the same shape: other seeded weights, so its labels differ from tiny_card's."""
+    torch.manual_seed(11)
+    torch.save(build_network("segmamba_v1", **TINY_KWARGS).state_dict(), tmp_path / "other.pt")
+    card = {**json.loads(tiny_card.source_path.read_text()), "id": "other-tiny",
+            "weights": {"kind": "file", "file": "other.pt"}}
+    (tmp_path / "other.json").write_text(json.dumps(card))
+    return load_card(tmp_path / "other.json")
+
+
+def test_a_warm_worker_keeps_its_process_and_last_network_between_jobs(
+    tiny_card, other_card, one_thread
+) -> None:
+    """Same model again: same pid, network reused, the in-process result; another model: loaded anew."""
+    warm = WarmWorker()
+    images = [_volume((20, 28, 40), seed=s) for s in (7, 8)]
+    try:
+        first = warm.start([images[0]], tiny_card, CPU, threads=1)
+        first_events = _finish(first)
+        pid = warm.pid
+        second = warm.start([images[1]], tiny_card, CPU, threads=1)
+        second_events = _finish(second)
+        assert warm.pid == pid == first.process.pid == second.process.pid
+        assert "started" not in [e.kind for e in second_events]  # the process was already running
+        assert "loading PyTorch" not in [e.message for e in second_events]
+        assert (_network_events(first_events), _network_events(second_events)) == ([(False, 1)], [(True, 1)])
+        for job, image in zip((first, second), images):
+            want = segment([image], tiny_card, CPU)
+            np.testing.assert_array_equal(_labels(job.result().labelmap), _labels(want.labelmap))
+            assert job.result().volumes == pytest.approx(want.volumes)
+            assert not job.folder.exists()
+        assert set(np.unique(_labels(second.result().labelmap))) == {0, 1}
+
+        third = warm.start([images[1]], other_card, CPU, threads=1)
+        third_events = _finish(third)
+        fourth = warm.start([images[1]], tiny_card, CPU, threads=1)  # only the last network is kept
+        fourth_events = _finish(fourth)
+        assert (_network_events(third_events), _network_events(fourth_events)) == ([(False, 2)], [(False, 3)])
+        want = segment([images[1]], other_card, CPU).labelmap
+        np.testing.assert_array_equal(_labels(third.result().labelmap), _labels(want))
+        assert not np.array_equal(_labels(want), _labels(fourth.result().labelmap))  # a real change of model
+        np.testing.assert_array_equal(_labels(fourth.result().labelmap), _labels(second.result().labelmap))
+        assert warm.pid == pid
+    finally:
+        warm.release()
+
+
+@posix_only
+def test_cancel_kills_a_warm_worker_and_the_next_job_starts_a_fresh_one(tiny_card, one_thread) -> None:
+    warm = WarmWorker()
+    try:
+        job = warm.start([_volume((96, 96, 96), seed=1)], tiny_card, CPU, threads=1)  # 125 windows
+        _wait_for(job, lambda e: e.kind == "progress" and e.message.startswith("window"))
+        pid = warm.pid
+        start = time.monotonic()
+        job.cancel()
+        assert time.monotonic() - start < 2.0
+        assert _group_gone(pid, start + 2.0) and warm.pid is None
+        assert not job.folder.exists()
+        with pytest.raises(CancelledError):
+            job.result()
+        image = _volume((20, 28, 40), seed=9)
+        again = warm.start([image], tiny_card, CPU, threads=1)
+        events = _finish(again)
+        assert again.process.pid != pid and warm.pid == again.process.pid
+        assert _network_events(events) == [(False, 1)]
+        np.testing.assert_array_equal(_labels(again.result().labelmap),
+                                      _labels(segment([image], tiny_card, CPU).labelmap))
+    finally:
+        warm.release()
+
+
+@posix_only
+def test_a_warm_worker_killed_between_jobs_is_replaced_on_the_next_job(tiny_card, one_thread) -> None:
+    warm = WarmWorker()
+    image = _volume((20, 28, 40), seed=10)
+    try:
+        first = warm.start([image], tiny_card, CPU, threads=1)
+        _finish(first)
+        os.kill(first.process.pid, signal.SIGKILL)  # a crash, or the out-of-memory killer, while idle
+        first.process.wait(timeout=5)
+        assert warm.pid is None
+        second = warm.start([image], tiny_card, CPU, threads=1)
+        events = _finish(second)
+        assert second.process.pid != first.process.pid and [e.kind for e in events][0] == "started"
+        np.testing.assert_array_equal(_labels(second.result().labelmap), _labels(first.result().labelmap))
+    finally:
+        warm.release()
+
+
+def test_the_idle_timeout_ends_the_warm_process(tiny_card) -> None:
+    warm = WarmWorker(idle_timeout=0.5)
+    job = warm.start([_volume((8, 8, 8))], tiny_card, CPU, threads=1)
+    _finish(job)
+    assert job.process.poll() is None and warm.pid == job.process.pid  # warm right after the job
+    job.process.wait(timeout=10)  # ended by the idle timer, half a second later
+    assert warm.pid is None and job.result().windows == 1
+
+
+def test_release_ends_the_warm_process_and_frees_its_memory(tiny_card) -> None:
+    warm = WarmWorker()
+    warm.release()  # nothing to release yet
+    job = warm.start([_volume((8, 8, 8))], tiny_card, CPU, threads=1)
+    _finish(job)
+    assert warm.pid == job.process.pid
+    start = time.monotonic()
+    warm.release()
+    assert job.process.poll() is not None and time.monotonic() - start < 2.0
+    assert warm.pid is None
+    job.result()  # the finished job's result stays
+
+
+@posix_only
+def test_a_warm_worker_runs_one_job_at_a_time_and_release_cancels_a_running_one(
+    tiny_card, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = _fake_python(tmp_path, "echo '{\"event\": \"started\"}'\nsleep 60\n")
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))  # where the jobs' folders go
+    warm = WarmWorker(python=python)
+    job = warm.start([_volume((8, 8, 8))], tiny_card, CPU)
+    _wait_for(job, lambda e: e.kind == "started", timeout=10)
+    with pytest.raises(WorkerError, match="busy with another segmentation"):
+        warm.start([_volume((8, 8, 8))], tiny_card, CPU)
+    assert [p.name for p in (tmp_path / "temp").iterdir()] == [job.folder.name]  # none of the refused job
+    warm.release()
+    assert job.finished and job.process.poll() is not None and not job.folder.exists()
+    with pytest.raises(CancelledError):
+        job.result()
+
+
+@posix_only
+def test_a_warm_worker_exits_when_its_parent_goes_away_between_jobs(tiny_card) -> None:
+    warm = WarmWorker()
+    job = warm.start([_volume((8, 8, 8))], tiny_card, CPU, threads=1)
+    _finish(job)
+    job.process.stdin.close()  # as if Slicer had exited while the worker waited for the next click
+    assert job.process.wait(timeout=5) == 3
+    warm.release()

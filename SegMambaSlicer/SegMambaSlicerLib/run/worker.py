@@ -1,13 +1,16 @@
-"""The worker's parent side: one segmentation in a separate Python process, with progress and a hard cancel.
+"""The worker's parent side: segmentations in a separate Python process, with progress and a hard cancel.
 
 Why a child process: the Slicer GUI must never freeze; Cancel must stop work that sits deep inside
 PyTorch kernels (only ending the process does that, at once); and a crash or an out-of-memory kill
 of the network must not take Slicer down with it. The child is the same Python that runs Slicer
-(:func:`python_executable`), started as ``python -m SegMambaSlicerLib.run.worker_child JOB.json``
-(:mod:`.worker_child`); what they exchange, all in a private temporary folder that is deleted
-afterwards, is defined in :mod:`.worker_protocol`, whose public names are re-exported here.
+(:func:`python_executable`), started as ``python -m SegMambaSlicerLib.run.worker_child``
+(:mod:`.worker_child`), which then takes job file paths on its stdin; what they exchange, each job in a
+private temporary folder that is deleted afterwards, is defined in :mod:`.worker_protocol`, whose public
+names are re-exported here.
 
-:class:`WorkerProcess` never blocks in :meth:`~WorkerProcess.poll`: two reader threads move the
+:class:`WorkerProcess` is one segmentation: in a process of its own (scripts), or in the long-lived
+process of a :class:`WarmWorker` (the Slicer module), which keeps PyTorch imported and the last network
+loaded between clicks. Neither blocks in :meth:`~WorkerProcess.poll`: two reader threads move the
 child's stdout events and stderr lines into a queue; the last stderr lines are kept for error
 messages. By default the child leaves one CPU core free, so Slicer stays responsive while it computes.
 This module imports neither torch nor Qt.
@@ -35,6 +38,7 @@ from ..errors import CancelledError, SegMambaError
 from ..models.cards import ModelCard
 from .worker_protocol import (
     CHILD_MODULE,
+    EVENT_JOB_DONE,
     EXIT_ORPHANED,
     JOB_VERSION,
     KIND_OUT_OF_MEMORY,
@@ -42,6 +46,7 @@ from .worker_protocol import (
     WorkerError,
     WorkerEvent,
     WorkerOutOfMemoryError,
+    format_job_line,
     load_image_npz,
     options_to_dict,
     parse_event,
@@ -53,13 +58,15 @@ if TYPE_CHECKING:
     from ..engine.pipeline import SegmentationResult, SegmentOptions
 
 __all__ = [
-    "EXIT_ORPHANED", "JOB_VERSION", "WorkerCrashedError", "WorkerError", "WorkerEvent",
-    "WorkerOutOfMemoryError", "WorkerProcess", "default_worker_threads", "describe_exit",
+    "DEFAULT_IDLE_TIMEOUT", "EXIT_ORPHANED", "JOB_VERSION", "WarmWorker", "WorkerCrashedError", "WorkerError",
+    "WorkerEvent", "WorkerOutOfMemoryError", "WorkerProcess", "default_worker_threads", "describe_exit",
     "kill_process_tree", "load_image_npz", "options_to_dict", "parse_event", "python_executable",
     "save_image_npz", "taskkill_command", "usable_cpu_count", "worker_environment",
 ]
 
 STDERR_TAIL_LINES = 30
+#: Seconds a warm worker waits for its next job before its process ends (the module's default: 10 minutes).
+DEFAULT_IDLE_TIMEOUT = 600.0
 #: Seconds a finished worker's leftover children may keep its output pipes open before they are killed.
 PIPE_GRACE_SECONDS = 2.0
 #: Lets PyTorch run the 3-D operations that Apple's MPS backend lacks on the CPU instead of failing.
@@ -207,18 +214,106 @@ def _new_process_group() -> dict[str, Any]:
     return {"start_new_session": True}
 
 
-# ---------------------------------------------------------------- the parent side
+# ---------------------------------------------------------------- one worker process
+
+
+class _Child:
+    """One running worker process: its pipes, the two threads that move its stdout events and stderr lines
+    into a queue (so polling never blocks), and its last stderr lines for error messages. It outlives
+    single jobs when a :class:`WarmWorker` keeps it."""
+
+    def __init__(self, python: str) -> None:
+        try:
+            self.process = subprocess.Popen(
+                [python, "-m", CHILD_MODULE],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                # not a job's folder: the process outlives it, and Windows cannot delete a working directory
+                cwd=tempfile.gettempdir(), env=worker_environment(os.environ), text=True, encoding="utf-8",
+                errors="replace", bufsize=1, **_new_process_group(),
+            )
+        except OSError as exc:
+            raise WorkerError(f"Cannot start the segmentation worker with {python}: {exc}") from None
+        self.events: queue.Queue[WorkerEvent] = queue.Queue()
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._readers = [
+            threading.Thread(target=self._read_events, args=(self.process.stdout,), daemon=True),
+            threading.Thread(target=self._read_stderr, args=(self.process.stderr,), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def drained(self) -> bool:
+        """True once both pipes reached end of file, so every line the process wrote is in the queue."""
+        return not any(reader.is_alive() for reader in self._readers)
+
+    def send(self, job: Path) -> None:
+        """Hand the process a job file; if it has just died, the job's poll reports how it ended."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(format_job_line(job))
+            self.process.stdin.flush()
+        except (OSError, ValueError):  # broken pipe, or stdin already closed
+            pass
+
+    def drain(self) -> Iterator[WorkerEvent]:
+        while True:
+            try:
+                yield self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        """End the process and everything it started at once, reap it and close its pipes (idempotent).
+
+        A process already reaped whose pipes are closed is not signalled: its process group id may have
+        been given to other processes since.
+        """
+        if self.alive or not self.drained:
+            kill_process_tree(self.process)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        for reader in self._readers:
+            reader.join(timeout=2)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def _read_events(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.events.put(parse_event(line))
+
+    def _read_stderr(self, stream: IO[str]) -> None:
+        for line in stream:
+            text = line.rstrip("\r\n")
+            self.stderr_tail.append(text)
+            self.events.put(WorkerEvent("stderr", text))
+
+
+# ---------------------------------------------------------------- one segmentation
 
 
 _NEW, _RUNNING, _DONE, _FAILED, _CANCELLED = "new", "running", "done", "failed", "cancelled"
 
 
 class WorkerProcess:
-    """One segmentation in a child process. Call :meth:`poll` from a timer, or :meth:`run` to wait.
+    """One segmentation in a worker process. Call :meth:`poll` from a timer, or :meth:`run` to wait.
 
     ``images`` are SimpleITK images (handed over as ``.npz``) or image file paths, one per card
     channel. ``threads`` sets the child's torch CPU threads; None leaves one core free
-    (:func:`default_worker_threads`).
+    (:func:`default_worker_threads`). On its own it starts a process for this one job and ends it
+    afterwards (scripts); made by :meth:`WarmWorker.start` (``warm``), it runs in that worker's
+    long-lived process instead. Either way its temporary files are deleted when it ends.
     """
 
     def __init__(
@@ -228,15 +323,14 @@ class WorkerProcess:
         options: SegmentOptions | None = None,
         python: str | None = None,
         threads: int | None = None,
+        warm: WarmWorker | None = None,
     ) -> None:
         self.images, self.card, self.options = list(images), card, options
-        self.python = python
+        self.python, self.warm = python, warm
         self.threads: int = default_worker_threads(usable_cpu_count()) if threads is None else threads
         self.folder: Path | None = None
         self.process: subprocess.Popen | None = None
-        self._events: queue.Queue[WorkerEvent] = queue.Queue()
-        self._readers: list[threading.Thread] = []
-        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._child: _Child | None = None
         self._state = _NEW
         self._result_event: WorkerEvent | None = None
         self._error_event: WorkerEvent | None = None
@@ -248,47 +342,46 @@ class WorkerProcess:
     # -- lifecycle
 
     def start(self) -> None:
-        """Write the job to a private temporary folder and start the child (returns at once)."""
+        """Write the job to a private temporary folder and hand it to a worker process (returns at once)."""
         if self._state != _NEW:
             raise WorkerError("This worker was already started; create a new one for another run.")
-        python = self.python or python_executable()
         self.folder = Path(tempfile.mkdtemp(prefix="segmamba-"))
         try:
             job = self._write_job(self.folder)
-            self.process = subprocess.Popen(
-                [python, "-m", CHILD_MODULE, str(job)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=self.folder, env=worker_environment(os.environ), text=True, encoding="utf-8",
-                errors="replace", bufsize=1, **_new_process_group(),
-            )
-        except OSError as exc:
-            self._cleanup()
-            raise WorkerError(f"Cannot start the segmentation worker with {python}: {exc}") from None
+            if self.warm is not None:
+                self._child = self.warm._acquire(self)
+            else:
+                self._child = _Child(self.python or python_executable())
         except BaseException:
             self._cleanup()
             raise
+        self.process = self._child.process
         self._state = _RUNNING
-        self._readers = [
-            threading.Thread(target=self._read_events, args=(self.process.stdout,), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(self.process.stderr,), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        self._child.send(job)
 
     def poll(self) -> list[WorkerEvent]:
-        """Events since the last call, without waiting; after the child ends, the last one is ``finished``."""
+        """Events since the last call, without waiting; once the job has ended, the last is ``finished``."""
         if self._state != _RUNNING:
             return []
-        assert self.process is not None
-        exited = self.process.poll() is not None
-        drained = not any(r.is_alive() for r in self._readers)  # checked before draining: no line is lost
+        assert self._child is not None
+        exited = not self._child.alive
+        drained = self._child.drained  # checked before draining: no line is lost
         if exited and not drained:
             self._exited_at = self._exited_at or time.monotonic()
             if time.monotonic() - self._exited_at > PIPE_GRACE_SECONDS:
-                kill_process_tree(self.process)  # something the worker started still holds its pipes
-        events = list(self._drain())
-        if exited and drained:
-            events.append(self._finish())
+                kill_process_tree(self._child.process)  # something the worker started still holds its pipes
+        events, done = [], False
+        for event in self._child.drain():
+            if event.kind == EVENT_JOB_DONE:
+                done = True
+                continue
+            if event.kind == "result":
+                self._result_event = event
+            elif event.kind == "error":
+                self._error_event = event
+            events.append(event)
+        if done or (exited and drained):
+            events.append(self._finish(done))
         return events
 
     @property
@@ -297,19 +390,14 @@ class WorkerProcess:
         return self._state in (_DONE, _FAILED, _CANCELLED)
 
     def cancel(self) -> None:
-        """Kill the child and its process group now and delete the temporary files."""
-        if self._state != _RUNNING:
-            self._cleanup()
-            return
-        assert self.process is not None
-        self._state = _CANCELLED
-        kill_process_tree(self.process)
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self._close()
+        """Kill the worker process and its process group now and delete the temporary files.
+
+        Only ending the process stops work deep inside PyTorch at once; a warm worker starts a fresh
+        process for its next job.
+        """
+        if self._state == _RUNNING:
+            self._state = _CANCELLED
+            self._hand_back(reusable=False)
         self._cleanup()
 
     def result(self) -> SegmentationResult:
@@ -372,51 +460,33 @@ class WorkerProcess:
         return write_job(folder / "job.json", inputs, self.card, self.options, folder / "labelmap.npz",
                          self.threads)
 
-    def _read_events(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._events.put(parse_event(line))
-
-    def _read_stderr(self, stream: IO[str]) -> None:
-        for line in stream:
-            text = line.rstrip("\r\n")
-            self._stderr_tail.append(text)
-            self._events.put(WorkerEvent("stderr", text))
-
-    def _drain(self) -> Iterator[WorkerEvent]:
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return
-            if event.kind == "result":
-                self._result_event = event
-            elif event.kind == "error":
-                self._error_event = event
-            yield event
-
-    def _finish(self) -> WorkerEvent:
-        assert self.process is not None
-        returncode = self.process.wait()
-        self._close()
+    def _finish(self, done: bool) -> WorkerEvent:
+        """The outcome, once the child ended the job (``done``) or ended itself."""
+        assert self._child is not None
+        reusable = False
         try:
-            if self._result_event is not None and returncode == 0:
+            if self._result_event is not None:
                 self._labelmap = load_image_npz(self._result_event.data["output"])
                 if self._result_event.data.get("confidence"):
                     self._confidence = load_image_npz(self._result_event.data["confidence"])
-                self._state = _DONE
+                self._state, reusable = _DONE, done
                 return WorkerEvent("finished", "Segmentation finished.")
-            self._error = self._failure(returncode)
-            self._state = _FAILED
+            self._error = self._failure(None if done else self._child.process.wait())
+            # after running out of memory a fresh process gives the memory back: do not keep this one
+            self._state, reusable = _FAILED, done and not isinstance(self._error, WorkerOutOfMemoryError)
             return WorkerEvent("finished", str(self._error))
         finally:
+            self._hand_back(reusable)
             self._cleanup()
 
-    def _failure(self, returncode: int) -> SegMambaError:
-        tail = "\n".join(self._stderr_tail)
+    def _failure(self, returncode: int | None) -> SegMambaError:
+        assert self._child is not None
+        tail = "\n".join(self._child.stderr_tail)
         event = self._error_event
         if event is None:
+            how = "ended the job" if returncode is None else describe_exit(returncode)
             return WorkerCrashedError(
-                f"The segmentation worker {describe_exit(returncode)} before it could report a result."
+                f"The segmentation worker {how} before it could report a result."
                 + (f" Its last messages:\n{tail}" if tail else ""),
                 details=tail,
             )
@@ -429,17 +499,111 @@ class WorkerProcess:
             return cls(message)
         return WorkerError(f"The segmentation failed: {message}", details)
 
-    def _close(self) -> None:
-        assert self.process is not None
-        for reader in self._readers:
-            reader.join(timeout=2)
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+    def _hand_back(self, reusable: bool) -> None:
+        """Give the process back to the warm worker (which keeps it or ends it), or end a one-job process."""
+        assert self._child is not None
+        if self.warm is not None:
+            self.warm._job_ended(self._child, reusable)
+        else:
+            self._child.stop()
 
     def _cleanup(self) -> None:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the warm worker
+
+
+class WarmWorker:
+    """A worker process kept alive between segmentations, with PyTorch imported and the last network loaded.
+
+    Why: a fresh process pays seconds of imports, network loading and first-touch memory faults before
+    its first window, and Slicer users click Segment again and again on the same model. The child keeps
+    the network of its last job and reuses it when the next job's card, weights, folds, device and scan
+    backend are the same (its ``network`` event says which). One job runs at a time. A process that
+    crashed, was killed or was cancelled (cancel ends the process, as for a one-job worker) is replaced
+    by a fresh one on the next job. The process ends ``idle_timeout`` seconds after its last job (0: right
+    after each job), on :meth:`release`, and by itself when this process dies (its stdin closes).
+    """
+
+    def __init__(self, python: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        self.python = python
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()  # the idle timer ends the process from its own thread
+        self._child: _Child | None = None
+        self._job: WorkerProcess | None = None
+        self._timer: threading.Timer | None = None
+
+    def start(
+        self,
+        images: Sequence[sitk.Image | str | os.PathLike[str]],
+        card: ModelCard,
+        options: SegmentOptions | None = None,
+        threads: int | None = None,
+    ) -> WorkerProcess:
+        """Start one segmentation in the warm process (a fresh one when there is none) and return at once."""
+        job = WorkerProcess(images, card, options, self.python, threads, warm=self)
+        job.start()
+        return job
+
+    @property
+    def pid(self) -> int | None:
+        """The id of the warm process, or None when none is alive (the next job starts one)."""
+        with self._lock:
+            return self._child.process.pid if self._child is not None and self._child.alive else None
+
+    def release(self) -> None:
+        """End the process now, cancelling a job it runs, so that the memory its PyTorch and network hold
+        goes back to the system; the next job starts a fresh process."""
+        with self._lock:
+            job = self._job
+        if job is not None:
+            job.cancel()  # hands the process back unusable: it is ended
+        with self._lock:
+            self._cancel_timer()
+            child, self._child = self._child, None
+        if child is not None:
+            child.stop()
+
+    # -- called by WorkerProcess
+
+    def _acquire(self, job: WorkerProcess) -> _Child:
+        """The process for ``job``: the warm one, or a fresh one when there is none or it died."""
+        with self._lock:
+            if self._job is not None:
+                raise WorkerError("The worker is busy with another segmentation; wait for it or cancel it.")
+            self._cancel_timer()
+            if self._child is not None and not self._child.alive:  # crashed or killed since its last job
+                self._child.stop()
+                self._child = None
+            if self._child is None:
+                self._child = _Child(self.python or python_executable())
+            self._job = job
+            return self._child
+
+    def _job_ended(self, child: _Child, reusable: bool) -> None:
+        """Keep the job's process warm until the idle timeout, or end it (cancelled, crashed, no memory)."""
+        with self._lock:
+            self._job = None
+            if reusable and child is self._child and child.alive:
+                self._timer = threading.Timer(max(0.0, self.idle_timeout), self._expire, args=(child,))
+                self._timer.daemon = True  # a pending timer must not keep Slicer or a script from exiting
+                self._timer.start()
+                return
+            if child is self._child:
+                self._child = None
+        child.stop()
+
+    def _expire(self, child: _Child) -> None:
+        """The idle timeout passed: end the process unless a new job took it meanwhile."""
+        with self._lock:
+            if child is not self._child or self._job is not None:
+                return
+            self._child, self._timer = None, None
+        child.stop()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

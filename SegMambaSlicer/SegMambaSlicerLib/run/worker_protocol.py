@@ -2,14 +2,18 @@
 
 Both sides import this module and nothing of each other, so the format lives in one place:
 
+* the child is started once as ``python -m CHILD_MODULE`` and serves jobs until its stdin closes: the
+  parent writes one job file path per line (:func:`format_job_line`, :func:`parse_job_line`), so one
+  process, with PyTorch imported and the last network loaded, can run click after click;
 * inputs: one uncompressed ``.npz`` per channel holding the voxels and the exact LPS geometry as
   float64 (no rounding through a file header, no slow compression), or plain image file paths;
 * ``job.json`` (:func:`write_job`, :func:`read_job`): the model card (as its JSON dict), the
   :class:`~.pipeline.SegmentOptions`, the output path and the torch thread count;
 * stdout of the child: one JSON object per line (:func:`format_event`, :func:`parse_event`) —
-  ``started``, ``progress`` (fraction, message), ``log``, then ``result`` or ``error``;
+  ``started`` once per process, then per job ``progress`` (fraction, message), ``log``, ``network``
+  (:data:`EVENT_NETWORK`: loaded anew or reused), ``result`` or ``error``, and last :data:`EVENT_JOB_DONE`;
 * output: the label map as ``.npz`` on the first input's grid;
-* exit code :data:`EXIT_ORPHANED` when the child stopped because its parent went away.
+* exit code :data:`EXIT_ORPHANED` when the child stopped because its stdin closed (the parent went away).
 
 All paths travel as UTF-8 JSON strings, never through a console code page, so folders with spaces
 and non-ASCII names (common on Windows) are safe. This module imports neither torch nor Qt.
@@ -34,11 +38,15 @@ from ..models.cards import ModelCard, card_to_dict
 if TYPE_CHECKING:
     from ..engine.pipeline import SegmentOptions
 
-#: The module the parent runs as ``python -m CHILD_MODULE JOB.json``.
+#: The module the parent runs as ``python -m CHILD_MODULE`` (job file paths then follow on its stdin).
 CHILD_MODULE = "SegMambaSlicerLib.run.worker_child"
-JOB_VERSION = 1
+JOB_VERSION = 2
 #: Exit code of a child whose parent went away (its stdin reached end of file).
 EXIT_ORPHANED = 3
+#: The event that ends each job's events: the child is ready for the next job line.
+EVENT_JOB_DONE = "done"
+#: The event that says whether a job built its network (``reused`` false) or took the one already loaded.
+EVENT_NETWORK = "network"
 #: ``kind`` of an ``error`` event for running out of GPU or main memory.
 KIND_OUT_OF_MEMORY = "OutOfMemory"
 #: ``kind`` of an ``error`` event for an exception that is not a SegMambaError (a bug, not a user error).
@@ -115,7 +123,6 @@ def write_job(
         "options": options_to_dict(options),
         "output": str(output),
         "threads": threads,
-        "watch_parent": True,
     }
     path.write_text(json.dumps(job, indent=1), encoding="utf-8")
     return path
@@ -131,13 +138,25 @@ def read_job(path: str | os.PathLike[str]) -> dict[str, Any]:
     return job
 
 
+def format_job_line(job: Path) -> str:
+    """A job file path as the parent writes it to the child's stdin: one JSON string per line (ASCII, so
+    no console encoding and no space or newline in a folder name can split or garble it)."""
+    return json.dumps(str(job)) + "\n"
+
+
+def parse_job_line(line: str) -> Path:
+    """The job file path of one stdin line written by :func:`format_job_line`."""
+    return Path(json.loads(line))
+
+
 # ---------------------------------------------------------------- event lines
 
 
 @dataclass(frozen=True)
 class WorkerEvent:
-    """One thing the worker reported: ``started``, ``progress``, ``log``, ``stderr``, ``result``, ``error``,
-    or ``finished``, which the parent adds last once the child has ended (its message is the outcome)."""
+    """One thing the worker reported: ``started``, ``progress``, ``log``, ``stderr``, ``network``,
+    ``result``, ``error``, or ``finished``, which the parent adds last once the job has ended (its message
+    is the outcome)."""
 
     kind: str
     message: str = ""

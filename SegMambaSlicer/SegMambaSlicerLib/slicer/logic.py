@@ -1,11 +1,11 @@
 """Qt-free segmentation logic on an MRML scene (the Slicer module's Logic and widget delegate here).
 
 It turns the selected volume nodes into images with their exact world geometry, runs the one
-shared pipeline — in this process (scripts, self-test) or in a background worker process (the GUI)
-— and writes the label map into a segmentation node on the first input's grid. It also holds what
-the widget shows but can be decided without Qt: the device list and info line, the progress/ETA
-text, the volumes table, and the label/region display switch. It works in the Slicer application
-and on a headless slicer-core scene.
+shared pipeline — in this process (scripts, self-test) or in a background worker process that stays
+warm between runs (the GUI) — and writes the label map into a segmentation node on the first input's
+grid. It also holds what the widget shows but can be decided without Qt: the device list and info
+line, the progress/ETA text, the volumes table, and the label/region display switch. It works in the
+Slicer application and on a headless slicer-core scene.
 
 Review display: each label is a segment sharing one labelmap layer; each derived region (e.g.
 BraTS TC/WT/ET) is an extra segment of the same segmentation on a layer of its own (regions
@@ -34,7 +34,7 @@ from ..engine.pipeline import SegmentationResult, SegmentOptions, load_network, 
 from ..errors import CancelCallback, CheckpointError, InputImageError, ProgressCallback
 from ..io.seg_nrrd import segment_ids
 from ..models.cards import LabelSpec, ModelCard
-from ..run.worker import WorkerError, WorkerEvent, WorkerProcess
+from ..run.worker import WarmWorker, WorkerError, WorkerEvent, WorkerProcess
 from . import mrml
 from .review import PriorComparison, compare_with_prior
 
@@ -314,6 +314,9 @@ class SegmentationRun:
             elif event.kind == "started":
                 shown.append(RunUpdate(log=f"Worker process {event.data.get('pid')} started "
                                            f"({event.data.get('python')})."))
+            elif event.kind == "network":
+                how = "reused the network it had loaded" if event.data.get("reused") else "loaded the network"
+                shown.append(RunUpdate(log=f"Worker process {event.data.get('pid')} {how}."))
         return shown
 
     @property
@@ -327,9 +330,11 @@ class SegmentationRun:
 
 @dataclass
 class SegmentationLogic:
-    """Segments volume nodes of one scene; keeps the last loaded network for repeated in-process runs."""
+    """Segments volume nodes of one scene; keeps the last loaded network for repeated in-process runs, and
+    a warm worker process (:attr:`worker`) with the last network loaded for repeated background runs."""
 
     scene: object
+    worker: WarmWorker = field(default_factory=WarmWorker, repr=False)
     _cache_key: tuple | None = field(default=None, repr=False)
     _network: nn.Module | None = field(default=None, repr=False)
 
@@ -358,15 +363,15 @@ class SegmentationLogic:
     ) -> tuple[object, SegmentationResult]:
         """Segment one case given as volume nodes (card channel order) and wait; returns (node, result).
 
-        ``in_worker=True`` runs the network in a worker process (crash-proof, Ctrl+C kills it);
-        otherwise it runs here, reusing the loaded network between calls.
+        ``in_worker=True`` runs the network in the warm worker process (crash-proof, Ctrl+C kills it);
+        otherwise it runs here. Either way the loaded network is reused between calls.
         """
         options = options or SegmentOptions()
         images = self._images(input_nodes, card)
         if in_worker:
             if network is not None:
                 raise WorkerError("A network object cannot be sent to a worker process; run it in-process.")
-            result = WorkerProcess(images, card, options).run(progress, cancel)
+            result = self.worker.start(images, card, options).run(progress, cancel)
         else:
             network = network or self.network_for(card, options)
             result = segment(images, card, options, progress=progress, cancel=cancel, network=network)
@@ -405,19 +410,23 @@ class SegmentationLogic:
         options: SegmentOptions | None = None,
         segmentation_node: object | None = None,
         threads: int | None = None,
+        idle_timeout: float | None = None,
     ) -> SegmentationRun:
-        """Start a worker process for one case and return at once (the GUI polls the run).
+        """Start one case in the warm worker process and return at once (the GUI polls the run).
 
-        Missing weights are reported here, before a worker spends seconds importing PyTorch.
+        Missing weights are reported here, before a fresh worker spends seconds importing PyTorch.
+        ``idle_timeout`` (seconds; None keeps the current setting) is how long the worker then stays
+        warm for the next run.
         """
         options = options or SegmentOptions()
         weights = Path(options.weights).expanduser() if options.weights else card.weights_path()
         if weights is None or not weights.exists():
             hint = card.weights.instructions or "Use 'Load checkpoint…' to add a weights file for it."
             raise CheckpointError(f"No weights for {card.display_name}{f' at {weights}' if weights else ''}. {hint}")
-        worker = WorkerProcess(self._images(input_nodes, card), card, options, threads=threads)
-        worker.start()
-        return SegmentationRun(worker, card, list(input_nodes), segmentation_node)
+        if idle_timeout is not None:
+            self.worker.idle_timeout = idle_timeout
+        job = self.worker.start(self._images(input_nodes, card), card, options, threads=threads)
+        return SegmentationRun(job, card, list(input_nodes), segmentation_node)
 
     def finish_segmentation(self, run: SegmentationRun) -> tuple[object, SegmentationResult]:
         """Import a finished run's result into the scene; raises the worker's error or CancelledError."""
