@@ -123,6 +123,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._result = None
         self._resultNode = None
+        self._reportInputs = None
         self._comparison = None
         self._install = None
         self._cudaUsable = False
@@ -161,6 +162,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self._onSegmentButton)
         self.ui.showRegionsRadioButton.connect("toggled(bool)", self._onDisplayModeChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self._onShow3DChanged)
+        self.ui.saveReportButton.connect("clicked(bool)", self._onSaveReport)
         self.ui.showConfidenceCheckBox.connect("toggled(bool)", self._onShowConfidenceChanged)
         self.ui.confidenceThresholdSpinBox.connect("valueChanged(double)", self._onConfidenceThresholdChanged)
         self.ui.priorSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onPriorChanged)
@@ -383,6 +385,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(_("Warning: {warning}").format(warning=warning))
         self._endRun(panels.finished_status(result))
         self._parameterNode.outputSegmentation = node
+        self._reportInputs = (list(run.input_nodes), run.worker.options)
+        self.ui.saveReportButton.enabled = True
         self._showResult(node, result, run.input_nodes[0])
 
     def _endRun(self, status):
@@ -424,6 +428,15 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for column, cell in enumerate(row.cells, start=1):
                 table.setItem(index, column, qt.QTableWidgetItem(cell))
         self.ui.reviewNotesLabel.text = "\n".join(shown.notes)
+
+    def _onSaveReport(self):
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save report"), "report.pdf", "PDF (*.pdf)")
+        if not path or self._result is None:
+            return
+        from SegMambaSlicerLib.slicer.logic import write_report
+
+        with slicer.util.tryWithErrorDisplay(_("Cannot save the report."), waitCursor=True):
+            self._log(_("Report: {path}").format(path=write_report(path, self._result, *self._reportInputs)))
 
     def _onDisplayModeChanged(self, regions):
         if self._resultNode is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -457,3 +458,24 @@ def test_background_runs_reuse_the_warm_worker_and_match_the_in_process_run(
     finally:
         logic.worker.release()
     assert logic.worker.pid is None
+
+
+def test_the_report_of_a_result_in_the_scene_is_a_one_page_pdf(mrml_scene, tmp_path: Path) -> None:
+    """The module's "Save report" path: the input volume nodes and the run's options give the same PDF page."""
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic, write_report
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+
+    rng = np.random.default_rng(7)
+    arrays = [np.zeros((12, 16, 14), np.float32) for _ in range(2)]
+    for a in arrays:
+        a[2:10, 3:13, 2:12] = rng.normal(10, 3, size=(8, 10, 10))
+    images = [sitk.GetImageFromArray(a) for a in arrays]
+    nodes = [volume_node_from_image(image, mrml_scene.scene, f"c{i}") for i, image in enumerate(images)]
+    card = toy_card(channels=2, labels=2)
+    options = SegmentOptions(device="cpu", confidence=True)
+    network = PointwiseNet(rng.normal(size=(3, 2)), rng.normal(size=3))
+    _, result = SegmentationLogic(mrml_scene.scene).segment_nodes(nodes, card, options, network=network)
+    path = write_report(tmp_path / "report.pdf", result, nodes, options)
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page(?!s)", data)) == 1  # one page
+    assert [p.name for p in tmp_path.iterdir()] == ["report.pdf"]  # written atomically, nothing else left

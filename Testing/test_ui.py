@@ -25,6 +25,7 @@ EXPECTED_CLASSES = {
     "deviceInfoLabel": "QLabel",
     "installKernelsButton": "QPushButton",
     "segmentButton": "QPushButton",
+    "saveReportButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
     "showRegionsRadioButton": "QRadioButton",

@@ -248,6 +248,15 @@ def show_confidence(segmentation_node: object, visible: bool, threshold: float) 
             composite.SetForegroundVolumeID(None)
 
 
+def write_report(path: str | Path, result: SegmentationResult, input_nodes: Sequence[object],
+                 options: SegmentOptions) -> Path:
+    """The one-page PDF report of a result shown in the module (see docs/review.md), from its input nodes."""
+    from ..evaluation.case_report import write_case_report
+
+    image = mrml.image_from_volume_node(input_nodes[0])
+    return write_case_report(path, result, image, options, [node.GetName() for node in input_nodes])
+
+
 def prior_comparison(result: SegmentationResult, prior_node: object) -> PriorComparison:
     """Compare a result with a prior segmentation or label map node of the same patient space (not registered)."""
     prior = mrml.prior_labelmap(prior_node, result.card.labels)
