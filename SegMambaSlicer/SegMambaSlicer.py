@@ -163,6 +163,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showRegionsRadioButton.connect("toggled(bool)", self._onDisplayModeChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self._onShow3DChanged)
         self.ui.saveReportButton.connect("clicked(bool)", self._onSaveReport)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self._onExportDicomSeg)
         self.ui.showConfidenceCheckBox.connect("toggled(bool)", self._onShowConfidenceChanged)
         self.ui.confidenceThresholdSpinBox.connect("valueChanged(double)", self._onConfidenceThresholdChanged)
         self.ui.priorSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onPriorChanged)
@@ -386,7 +387,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._endRun(panels.finished_status(result))
         self._parameterNode.outputSegmentation = node
         self._reportInputs = (list(run.input_nodes), run.worker.options)
-        self.ui.saveReportButton.enabled = True
+        self.ui.saveReportButton.enabled = self.ui.exportDicomSegButton.enabled = True
         self._showResult(node, result, run.input_nodes[0])
 
     def _endRun(self, status):
@@ -437,6 +438,18 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         with slicer.util.tryWithErrorDisplay(_("Cannot save the report."), waitCursor=True):
             self._log(_("Report: {path}").format(path=write_report(path, self._result, *self._reportInputs)))
+
+    def _onExportDicomSeg(self):
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Export DICOM SEG"), "seg.dcm",
+                                              "DICOM (*.dcm)")
+        if not path or self._result is None:
+            return
+        from SegMambaSlicerLib.slicer.logic import write_dicom_segmentation
+
+        with slicer.util.tryWithErrorDisplay(_("Cannot export the DICOM segmentation."), waitCursor=True):
+            written = write_dicom_segmentation(path, self._result, self._reportInputs[0][0],
+                                               slicer.dicomDatabase.fileForInstance)
+            self._log(_("DICOM segmentation: {path}").format(path=written))
 
     def _onDisplayModeChanged(self, regions):
         if self._resultNode is not None:

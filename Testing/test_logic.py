@@ -479,3 +479,40 @@ def test_the_report_of_a_result_in_the_scene_is_a_one_page_pdf(mrml_scene, tmp_p
     data = path.read_bytes()
     assert data.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page(?!s)", data)) == 1  # one page
     assert [p.name for p in tmp_path.iterdir()] == ["report.pdf"]  # written atomically, nothing else left
+
+
+def test_a_dicom_seg_is_exported_for_a_volume_loaded_from_dicom(mrml_scene, tmp_path: Path) -> None:
+    """The module's "Export DICOM SEG": the series is found through the node's instance UIDs, as Slicer's
+    DICOM module records them, and the SEG references it."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from dicom_files import write_dicom_series
+    from SegMambaSlicerLib.io.dicom_seg import DicomSegError
+    from SegMambaSlicerLib.slicer.logic import (
+        DICOM_INSTANCES_ATTRIBUTE,
+        SegmentationLogic,
+        write_dicom_segmentation,
+    )
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+
+    array = np.zeros((6, 12, 10), np.int16)
+    array[1:5, 3:9, 2:8] = 100
+    array[2:4, 5:7, 4:6] = 300
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.9, 0.9, 3.0))
+    tags = write_dicom_series(image, tmp_path / "series")
+    files = sorted((tmp_path / "series").iterdir())
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+    loaded = sitk.ReadImage([str(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "series"))])
+    node = volume_node_from_image(sitk.Cast(loaded, sitk.sitkFloat32), mrml_scene.scene, "t1")
+    card = toy_card(channels=1, labels=2)
+    network = PointwiseNet(np.array([[0.0], [0.02], [0.04]]), np.array([0.0, -1.0, -7.0]))
+    _, result = SegmentationLogic(mrml_scene.scene).segment_nodes([node], card, SegmentOptions(device="cpu"),
+                                                                  network=network)
+    with pytest.raises(DicomSegError, match="was not loaded from DICOM"):
+        write_dicom_segmentation(tmp_path / "seg.dcm", result, node, by_uid.get)
+    node.SetAttribute(DICOM_INSTANCES_ATTRIBUTE, " ".join(by_uid))
+    seg = pydicom.dcmread(write_dicom_segmentation(tmp_path / "seg.dcm", result, node, by_uid.get))
+    assert seg.Modality == "SEG" and len(seg.SegmentSequence) == len(card.labels)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == tags["0020|000e"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [label.name for label in card.labels]

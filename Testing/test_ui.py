@@ -26,6 +26,7 @@ EXPECTED_CLASSES = {
     "installKernelsButton": "QPushButton",
     "segmentButton": "QPushButton",
     "saveReportButton": "QPushButton",
+    "exportDicomSegButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
     "showRegionsRadioButton": "QRadioButton",

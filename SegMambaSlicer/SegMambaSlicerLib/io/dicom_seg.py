@@ -163,18 +163,28 @@ def read_source_series(folder: Path) -> tuple[Dataset, ...]:
     Fast (pydicom, headers only), so it runs before the model loads: a series the SEG cannot reference
     is refused before any work.
     """
+    folder = Path(folder).expanduser()
+    return read_source_files(_series_files(folder), str(folder))
+
+
+def read_source_files(files: Sequence[str | Path], where: str) -> tuple[Dataset, ...]:
+    """The headers of the given DICOM files (one series, e.g. Slicer's DICOM database files), checked.
+
+    ``where`` names the series in messages (a folder, or the volume the files were loaded as).
+    """
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    folder = Path(folder).expanduser()
     try:
-        datasets = tuple(dcmread(f, stop_before_pixels=True) for f in _series_files(folder))
+        datasets = tuple(dcmread(f, stop_before_pixels=True) for f in files)
     except (OSError, InvalidDicomError, EOFError) as exc:
-        raise DicomSegError(f"Cannot read the DICOM files of {folder}: {exc}.") from None
+        raise DicomSegError(f"Cannot read the DICOM files of {where}: {exc}.") from None
+    if not datasets:
+        raise DicomSegError(f"{where} has no DICOM files to reference.")
     missing = sorted({name for ds in datasets for name in REQUIRED_SOURCE_ATTRIBUTES if not ds.get(name)})
     if missing:
         raise DicomSegError(
-            f"The DICOM series in {folder} lacks {', '.join(missing)}, which a DICOM segmentation must "
+            f"The DICOM series in {where} lacks {', '.join(missing)}, which a DICOM segmentation must "
             "reference; use the series as the scanner or PACS exported it, with its full headers."
         )
     return datasets

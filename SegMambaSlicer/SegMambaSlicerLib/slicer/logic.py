@@ -257,6 +257,34 @@ def write_report(path: str | Path, result: SegmentationResult, input_nodes: Sequ
     return write_case_report(path, result, image, options, [node.GetName() for node in input_nodes])
 
 
+#: The volume node attribute in which Slicer's DICOM module lists the instances a volume was loaded from.
+DICOM_INSTANCES_ATTRIBUTE = "DICOM.instanceUIDs"
+
+
+def write_dicom_segmentation(path: str | Path, result: SegmentationResult, input_node: object,
+                             file_for_instance: Callable[[str], str]) -> Path:
+    """A DICOM SEG of the result, referencing the DICOM series the first input was loaded from.
+
+    Slicer's DICOM module records the series' instance UIDs on the volume node; ``file_for_instance``
+    (``slicer.dicomDatabase.fileForInstance`` in the application) finds their files. The label map lies
+    on that volume's grid, which is the series' grid.
+    """
+    from ..io.dicom_seg import DicomSegError, check_highdicom, read_source_files, write_dicom_seg
+
+    check_highdicom()
+    uids = (input_node.GetAttribute(DICOM_INSTANCES_ATTRIBUTE) or "").split()
+    if not uids:
+        raise DicomSegError(
+            f"The volume '{input_node.GetName()}' was not loaded from DICOM (Slicer's DICOM module), so a DICOM "
+            "segmentation has no series to reference; load the study through the DICOM module to export one."
+        )
+    files = [file_for_instance(uid) for uid in uids]
+    source = read_source_files([f for f in files if f], f"the volume '{input_node.GetName()}'")
+    card = result.card
+    return write_dicom_seg(result.labelmap, card.labels, source, path, algorithm_name=card.display_name,
+                           algorithm_version=card.id)
+
+
 def prior_comparison(result: SegmentationResult, prior_node: object) -> PriorComparison:
     """Compare a result with a prior segmentation or label map node of the same patient space (not registered)."""
     prior = mrml.prior_labelmap(prior_node, result.card.labels)
