@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..run.batch import DONE, FAILED, SKIPPED, CaseResult, check_batch_outputs, segment_folder
+from ..run.batch import DONE, ENGINES, FAILED, SKIPPED, CaseResult, check_batch_outputs, segment_folder
 from .common import add_run_options, progress_bar, segment_options
 
 
@@ -27,6 +27,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--preview", action="store_true", help="also write <case>.png (three slices with labels)")
     p.add_argument("--devices", help="comma-separated devices, one worker process each, e.g. cuda:0,cuda:1")
     p.add_argument("--summary", type=Path, help="summary CSV (default OUTPUT_DIR/summary.csv)")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this machine (default); ray: actors on a Ray cluster, one per GPU or CPU slot "
+                   "(needs segmamba-slicer[cluster]; docs/scale.md)")
+    p.add_argument("--address", help="with --engine ray: the cluster to join (auto, ray://HEAD:10001); "
+                   "default: a Ray instance on this machine for this batch")
     add_run_options(p)
     p.set_defaults(func=run)
     return p
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     result = segment_folder(
         args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
         preview=args.preview, devices=args.devices.split(",") if args.devices else None,
-        summary_csv=args.summary, progress=progress, on_case=print_case,
+        summary_csv=args.summary, progress=progress, on_case=print_case, engine=args.engine,
+        address=args.address,
     )
     counts = {s: sum(c.status == s for c in result.cases) for s in (DONE, SKIPPED, FAILED)}
     print(f"{len(result.cases)} cases: {counts[DONE]} segmented, {counts[SKIPPED]} skipped (already done), "

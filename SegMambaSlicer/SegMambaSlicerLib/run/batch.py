@@ -55,6 +55,8 @@ PathLike = str | os.PathLike[str]
 CaseCallback = Callable[["CaseResult"], None]
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+#: ``local``: this process or one worker process per device; ``ray``: actors on a Ray cluster (run/ray_engine.py).
+ENGINES = ("local", "ray")
 SUMMARY_NAME = "summary.csv"
 OUTPUT_SUFFIX = ".nii.gz"
 PREVIEW_SUFFIX = ".png"
@@ -246,6 +248,8 @@ def segment_folder(
     cancel: CancelCallback | None = None,
     on_case: CaseCallback | None = None,
     network: nn.Module | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> BatchResult:
     """Segment every case in ``input_dir`` into ``output_dir/<case>.nii.gz`` and write a summary CSV.
 
@@ -259,8 +263,13 @@ def segment_folder(
     returning True stops after the current window and raises :class:`CancelledError` (the summary lists
     the cases finished so far), ``on_case(result)`` is called as each case ends. A failing case does not
     stop the batch: check :attr:`BatchResult.failed`.
+
+    ``engine="ray"`` segments on a Ray cluster instead (docs/scale.md): one actor per GPU or CPU slot, the
+    same outputs, summary and resume; ``address`` joins a running cluster (``auto``, ``ray://host:10001``),
+    without it a local Ray instance is started for the batch and stopped after it.
     """
     out, summary = check_batch_outputs(output_dir, summary_csv)
+    _check_engine(engine, address, devices, network)
     from ..engine.pipeline import SegmentOptions
     from ..models.registry import resolve_model
 
@@ -277,7 +286,9 @@ def segment_folder(
         else:
             runner.finish(done, write=False)
     try:
-        if len(devices) > 1 and len(todo) > 1:
+        if engine == "ray":
+            _run_on_ray(runner, todo, address, cancel)
+        elif len(devices) > 1 and len(todo) > 1:
             _run_workers(runner, todo, devices[: len(todo)], cancel)
         else:
             if devices:
@@ -297,6 +308,33 @@ def check_batch_outputs(output_dir: PathLike, summary_csv: PathLike | None = Non
     check_writable(output_path(out, "case"), what="label maps")
     check_writable(summary, suffixes=(".csv",), what="batch summary")
     return out, summary
+
+
+def _check_engine(engine: str, address: str | None, devices: Sequence[str] | None,
+                  network: nn.Module | None) -> None:
+    """Refuse engine settings that cannot work within seconds, before PyTorch, the model and the cases load."""
+    if engine not in ENGINES:
+        raise BatchError(f"Unknown batch engine {engine!r}; use one of: {', '.join(ENGINES)}.")
+    if engine == "local":
+        if address is not None:
+            raise BatchError("A Ray address needs the Ray engine: add --engine ray (engine='ray').")
+        return
+    if any(d.strip() for d in devices or ()) or network is not None:
+        raise BatchError("The Ray engine places one actor per GPU or CPU slot of the cluster; leave out --devices "
+                         "and the loaded network (use --device cpu|cuda|auto).")
+    from .ray_engine import check_address
+
+    check_address(address)
+
+
+def _run_on_ray(runner: _Runner, todo: Sequence[Case], address: str | None, cancel: CancelCallback | None) -> None:
+    """The Ray engine, handed this module's case runner so that both engines segment and write alike."""
+    from .ray_engine import run_on_ray
+
+    def failed(case_id: str, error: str) -> CaseResult:
+        return CaseResult(case_id, FAILED, error=error)
+
+    run_on_ray(runner, todo, address, cancel, run_case, failed)
 
 
 def _check_devices(devices: Sequence[str] | None, network: nn.Module | None) -> list[str]:
