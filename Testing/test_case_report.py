@@ -32,23 +32,29 @@ SHAPE = (48, 48, 32)
 
 # ---------------------------------------------------------------- reading the PDF
 
-_OBJECT = re.compile(rb"(\d+) 0 obj\s*(.*?)endobj", flags=re.S)
-_STREAM = re.compile(rb"stream\r?\n(.*?)\r?\nendstream", flags=re.S)
+_OBJECT = re.compile(rb"(?:^|[\r\n])(\d+) 0 obj\b")
+_STREAM = re.compile(rb"stream\r?\n")
 _HEX = rb"<([0-9A-Fa-f]+)>"
 _TOKEN = re.compile(rb"\((?:\\.|[^\\()])*\)|/[^\s/\[\]()<>]+|\b(?:BT|ET|Tf)\b", flags=re.S)
 
 
 def _objects(data: bytes) -> dict[int, tuple[bytes, bytes | None]]:
-    """Object number → (its dictionary, its stream inflated, or None)."""
+    """Object number → (its dictionary, its stream inflated, or None).
+
+    Objects are cut at the next object's header, and a compressed stream is inflated until zlib itself
+    says it ended: searching for "endstream"/"endobj" would cut streams whose bytes happen to hold them.
+    """
+    starts = [(m.start(1), int(m.group(1))) for m in _OBJECT.finditer(data)]
     objects = {}
-    for number, body in _OBJECT.findall(data):
+    for (start, number), (end, _) in zip(starts, [*starts[1:], (len(data), 0)]):
+        body = data[start:end]
         stream = _STREAM.search(body)
-        if stream is None:
-            objects[int(number)] = (body, None)
+        if stream is None or b"/Length" not in body[: stream.start()]:
+            objects[number] = (body, None)
             continue
-        dictionary, content = body[: stream.start()], stream.group(1)
-        inflated = zlib.decompress(content) if b"/FlateDecode" in dictionary else content
-        objects[int(number)] = (dictionary, inflated)
+        dictionary, content = body[: stream.start()], body[stream.end():]
+        inflated = zlib.decompressobj().decompress(content) if b"/FlateDecode" in dictionary else content
+        objects[number] = (dictionary, inflated)
     return objects
 
 
