@@ -360,3 +360,41 @@ def test_cases_of_a_dead_worker_fail_and_the_batch_ends(tiny_card_path, tmp_path
     assert b.status == FAILED and "every worker process stopped" in b.error
     with open(tmp_path / "summary.csv", newline="", encoding="utf-8") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == [FAILED, FAILED]
+
+
+def test_batch_writes_confidence_maps_and_dicom_segs_per_case_and_redoes_cases_missing_them(
+        tiny_card_path, tmp_path) -> None:
+    """DICOM study folders ({case}/{channel} series folders): one SEG and one confidence map per case."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from dicom_files import write_dicom_series
+    from SegMambaSlicerLib.cli import main
+
+    source = tmp_path / "studies"
+    series_uids = {}
+    for seed, case_id in enumerate(("Study-1", "Study-2")):
+        phantom = make_phantom(shape=(32, 32, 16), seed=seed)
+        for key in MODALITIES:
+            image = sitk.Cast(sitk.RescaleIntensity(phantom.images[key], 0, 1000), sitk.sitkInt16)
+            (source / case_id).mkdir(parents=True, exist_ok=True)
+            tags = write_dicom_series(image, source / case_id / key)
+            if key == MODALITIES[0]:
+                series_uids[case_id] = tags["0020|000e"]
+    out = tmp_path / "out"
+    argv = ["batch", str(source), str(out), "-m", str(tiny_card_path), "--pattern", "{case}/{channel}",
+            "--device", "cpu", "--quiet", "--confidence", "--dicom-seg"]
+    assert main(argv) == 0
+    for case_id in ("Study-1", "Study-2"):
+        labels = sitk.ReadImage(str(out / f"{case_id}.nii.gz"))
+        confidence = sitk.ReadImage(str(out / f"{case_id}_confidence.nii.gz"))
+        assert confidence.GetSize() == labels.GetSize() and confidence.GetOrigin() == labels.GetOrigin()
+        values = sitk.GetArrayFromImage(confidence)
+        assert 0.0 <= values.min() and values.max() <= 1.0
+        seg = pydicom.dcmread(out / f"{case_id}.dcm")
+        assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uids[case_id]
+    (out / "Study-2_confidence.nii.gz").unlink()  # an asked-for output is missing: that case is redone
+    stamp = (out / "Study-1.nii.gz").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "Study-2_confidence.nii.gz").is_file() and (out / "Study-1.nii.gz").stat().st_mtime_ns == stamp
+    with open(out / "summary.csv", newline="", encoding="utf-8") as fh:
+        assert {r["case"]: r["status"] for r in csv.DictReader(fh)} == {"Study-1": SKIPPED, "Study-2": DONE}

@@ -25,6 +25,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "'{case}/{case}_{channel}.nii.gz' (default: BraTS 2023 case folders)")
     p.add_argument("--overwrite", action="store_true", help="segment cases whose output already exists")
     p.add_argument("--preview", action="store_true", help="also write <case>.png (three slices with labels)")
+    p.add_argument("--confidence", action="store_true",
+                   help="also write <case>_confidence.nii.gz (1 - normalised entropy of the prediction)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write <case>.dcm, a DICOM segmentation referencing the case's first input, which "
+                   "must be a DICOM series folder (e.g. --pattern '{case}/{channel}'; needs highdicom)")
     p.add_argument("--devices", help="comma-separated devices, one worker process each, e.g. cuda:0,cuda:1")
     p.add_argument("--summary", type=Path, help="summary CSV (default OUTPUT_DIR/summary.csv)")
     p.add_argument("--engine", choices=ENGINES, default="local",
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
         preview=args.preview, devices=args.devices.split(",") if args.devices else None,
         summary_csv=args.summary, progress=progress, on_case=print_case, engine=args.engine,
-        address=args.address,
+        address=args.address, confidence=args.confidence, dicom_seg=args.dicom_seg,
     )
     counts = {s: sum(c.status == s for c in result.cases) for s in (DONE, SKIPPED, FAILED)}
     print(f"{len(result.cases)} cases: {counts[DONE]} segmented, {counts[SKIPPED]} skipped (already done), "

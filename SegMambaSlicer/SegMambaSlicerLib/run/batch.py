@@ -107,6 +107,16 @@ def preview_path(output_dir: Path, case_id: str) -> Path:
     return output_dir / f"{case_id}{PREVIEW_SUFFIX}"
 
 
+def confidence_path(output_dir: Path, case_id: str) -> Path:
+    """Where a case's confidence map goes when asked for: ``<output_dir>/<case>_confidence.nii.gz``."""
+    return output_dir / f"{case_id}_confidence{OUTPUT_SUFFIX}"
+
+
+def dicom_seg_path(output_dir: Path, case_id: str) -> Path:
+    """Where a case's DICOM segmentation goes when asked for: ``<output_dir>/<case>.dcm``."""
+    return output_dir / f"{case_id}.dcm"
+
+
 def existing_volumes(path: Path, card: ModelCard, reference: Path | None = None) -> dict[str, float] | None:
     """Volumes of a finished case's label map, or None when it is absent, incomplete or off-grid (then redone).
 
@@ -128,15 +138,19 @@ def existing_volumes(path: Path, card: ModelCard, reference: Path | None = None)
 
 
 def same_grid(image: sitk.Image, reference: Path) -> bool:
-    """Whether ``image`` lies on the voxel grid of the image file ``reference`` (its header is read only)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(reference))
-    reader.ReadImageInformation()
+    """Whether ``image`` lies on the voxel grid of ``reference``: an image file (only its header is read)
+    or a DICOM series folder (read as the pipeline reads it)."""
+    if Path(reference).is_dir():
+        grid: sitk.Image | sitk.ImageFileReader = read_image(reference)
+    else:
+        grid = sitk.ImageFileReader()
+        grid.SetFileName(str(reference))
+        grid.ReadImageInformation()
     return (
-        tuple(image.GetSize()) == tuple(reader.GetSize())
-        and np.allclose(image.GetSpacing(), reader.GetSpacing(), rtol=1e-5, atol=1e-5)
-        and np.allclose(image.GetOrigin(), reader.GetOrigin(), rtol=1e-5, atol=1e-3)
-        and np.allclose(image.GetDirection(), reader.GetDirection(), atol=1e-5)
+        tuple(image.GetSize()) == tuple(grid.GetSize())
+        and np.allclose(image.GetSpacing(), grid.GetSpacing(), rtol=1e-5, atol=1e-5)
+        and np.allclose(image.GetOrigin(), grid.GetOrigin(), rtol=1e-5, atol=1e-3)
+        and np.allclose(image.GetDirection(), grid.GetDirection(), atol=1e-5)
     )
 
 
@@ -172,6 +186,14 @@ class _Job:
     options: SegmentOptions
     output_dir: Path
     preview: bool
+    #: Also write each case's confidence map, and a DICOM SEG referencing its first input's DICOM series.
+    confidence: bool = False
+    dicom_seg: bool = False
+
+    def extra_outputs(self, case_id: str) -> list[Path]:
+        """The outputs asked for besides the label map (and the preview)."""
+        return ([confidence_path(self.output_dir, case_id)] if self.confidence else []) + (
+            [dicom_seg_path(self.output_dir, case_id)] if self.dicom_seg else [])
 
 
 def run_case(job: _Job, case: Case, network: nn.Module | None, progress: ProgressCallback | None,
@@ -184,8 +206,10 @@ def run_case(job: _Job, case: Case, network: nn.Module | None, progress: Progres
     try:
         if case.problem:
             raise InputImageError(case.problem)
-        refuse_overwriting_inputs([output, preview_path(job.output_dir, case.case_id)], case.inputs)
+        extra = job.extra_outputs(case.case_id)
+        refuse_overwriting_inputs([output, preview_path(job.output_dir, case.case_id), *extra], case.inputs)
         remove_stale_temporaries(output)
+        source = _dicom_source(case) if job.dicom_seg else None  # an unusable series fails before the network
         result = segment(list(case.inputs), job.card, job.options, progress, cancel, network)
     except CancelledError:
         raise
@@ -196,9 +220,24 @@ def run_case(job: _Job, case: Case, network: nn.Module | None, progress: Progres
         return CaseResult(case.case_id, FAILED, time.perf_counter() - start,
                           error=f"unexpected {type(exc).__name__}: {exc}")
     write_image_atomic(result.labelmap, output)  # a full disk or lost folder ends the batch (OutputError)
+    if result.confidence is not None:
+        write_image_atomic(result.confidence, confidence_path(job.output_dir, case.case_id), what="confidence map")
+    if source is not None:
+        from ..io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(result.labelmap, job.card.labels, source, dicom_seg_path(job.output_dir, case.case_id),
+                        algorithm_name=job.card.display_name, algorithm_version=job.card.id)
     error = _write_preview(job, case, result.labelmap) if job.preview else ""
     return CaseResult(case.case_id, DONE, time.perf_counter() - start, result.device, result.windows,
                       result.volumes, output, error, result.warnings)
+
+
+def _dicom_source(case: Case) -> tuple[object, ...]:
+    """The DICOM series of the case's first input, which its SEG references (a DicomSegError if unusable)."""
+    from ..io.dicom_seg import check_dicom_source, read_source_series
+
+    check_dicom_source(case.inputs[0])
+    return read_source_series(case.inputs[0])
 
 
 def _write_preview(job: _Job, case: Case, labelmap: sitk.Image) -> str:
@@ -222,7 +261,7 @@ def _skipped(job: _Job, case: Case) -> CaseResult | None:
     """
     output = output_path(job.output_dir, case.case_id)
     volumes = existing_volumes(output, job.card, case.inputs[0] if case.inputs else None)
-    if volumes is None:
+    if volumes is None or not all(path.is_file() for path in job.extra_outputs(case.case_id)):
         return None
     error = ""
     if job.preview and not preview_path(job.output_dir, case.case_id).is_file() and not case.problem:
@@ -250,6 +289,8 @@ def segment_folder(
     network: nn.Module | None = None,
     engine: str = "local",
     address: str | None = None,
+    confidence: bool = False,
+    dicom_seg: bool = False,
 ) -> BatchResult:
     """Segment every case in ``input_dir`` into ``output_dir/<case>.nii.gz`` and write a summary CSV.
 
@@ -267,6 +308,11 @@ def segment_folder(
     ``engine="ray"`` segments on a Ray cluster instead (docs/scale.md): one actor per GPU or CPU slot, the
     same outputs, summary and resume; ``address`` joins a running cluster (``auto``, ``ray://host:10001``),
     without it a local Ray instance is started for the batch and stopped after it.
+
+    ``confidence`` also writes ``<case>_confidence.nii.gz`` (see :class:`.pipeline.SegmentOptions`), and
+    ``dicom_seg`` a ``<case>.dcm`` DICOM segmentation for cases whose first input is a DICOM series folder
+    (``pattern="{case}/{channel}"`` finds series folders named by channel); a case without such a series
+    fails with the reason. A finished case missing an asked-for output is segmented again.
     """
     out, summary = check_batch_outputs(output_dir, summary_csv)
     _check_engine(engine, address, devices, network)
@@ -275,9 +321,16 @@ def segment_folder(
 
     card = model if isinstance(model, ModelCard) else resolve_model(model)
     options = options or SegmentOptions()
+    if confidence:
+        options = dataclasses.replace(options, confidence=True)
+    if dicom_seg:
+        from ..io.dicom_seg import check_highdicom
+
+        check_highdicom()
     devices = _check_devices(devices, network)
     cases = discover_cases(input_dir, card, pattern, skip=out)
-    runner = _Runner(cases, _Job(card, options, out, preview), summary, progress, on_case)
+    job = _Job(card, options, out, preview, confidence, dicom_seg)
+    runner = _Runner(cases, job, summary, progress, on_case)
     todo = []
     for case in cases:
         done = None if overwrite else _skipped(runner.job, case)

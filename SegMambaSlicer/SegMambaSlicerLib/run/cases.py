@@ -45,7 +45,8 @@ def discover_cases(input_dir: PathLike, card: ModelCard, pattern: str | None = N
     ``input_dir`` in which ``{case}`` stands for the case id, ``{channel}`` for a channel key or synonym
     (``t2f``, ``flair`` ...), ``{index}`` for the channel's position in the card counted from 0 (nnU-Net's
     ``_0000``), ``*`` for any characters within one folder name and ``**/`` for any sub-folders; e.g.
-    ``{case}/{case}_{channel}.nii.gz`` (BraTS 2021) or ``imagesTs/{case}_{index}.nii.gz`` (nnU-Net).
+    ``{case}/{case}_{channel}.nii.gz`` (BraTS 2021) or ``imagesTs/{case}_{index}.nii.gz`` (nnU-Net); a
+    pattern may also name folders, e.g. ``{case}/{channel}`` for one DICOM series folder per channel.
     Matching ignores upper/lower case. A case whose files do not fit the card is returned with its
     ``problem`` set, so that it fails visibly instead of disappearing. Files in the folder ``skip`` (the
     output folder, when it lies inside the input folder) are ignored.
@@ -120,7 +121,7 @@ def _channel_names(card: ModelCard) -> dict[str, int]:
 def _cases_by_pattern(root: Path, card: ModelCard, pattern: str, skip: Path | None) -> list[Case]:
     regex, names = pattern_regex(pattern, card), _channel_names(card)
     found: dict[str, list[list[Path]]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in root.rglob("*") if not p.name.startswith(".")):  # files and series folders
         if skip is not None and path.resolve().is_relative_to(skip):
             continue
         match = regex.fullmatch(path.relative_to(root).as_posix())
