@@ -26,17 +26,11 @@ from SegMambaSlicerLib.models.cards import load_card
 from SegMambaSlicerLib.run import batch
 from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, segment_folder
 from SegMambaSlicerLib.run.cases import BatchError, Case, discover_cases
-from toy_models import PointwiseNet, write_tiny_brats_card
+from toy_models import PointwiseNet
 
 CPU = SegmentOptions(device="cpu")
 GOOD = ("Case-A", "Case-B")
 CORRUPT = "Case-C"
-
-
-@pytest.fixture(scope="module")
-def tiny_card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The BraTS card with a tiny SegMamba V1, 32³ windows and seeded random weights saved beside it."""
-    return write_tiny_brats_card(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +44,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(cohort: Path, tiny_card_path: Path, tmp_path_factory: pytest.TempPathFactory):
+def first_run(cohort: Path, card_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """One in-process batch over the cohort with previews, recording progress and per-case callbacks."""
     out = tmp_path_factory.mktemp("out")
     progress: list[tuple[float, str]] = []
     finished: list[str] = []
-    result = segment_folder(cohort, out, tiny_card_path, CPU, preview=True,
+    result = segment_folder(cohort, out, card_path, CPU, preview=True,
                             progress=lambda f, m: progress.append((f, m)),
                             on_case=lambda r: finished.append(r.case_id))
     return result, out, progress, finished
@@ -75,7 +69,7 @@ def _visible_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def test_good_cases_are_segmented_and_the_corrupt_case_fails_clearly(first_run, cohort, tiny_card_path) -> None:
+def test_good_cases_are_segmented_and_the_corrupt_case_fails_clearly(first_run, cohort, card_path) -> None:
     result, out, _, finished = first_run
     by_case = {c.case_id: c for c in result.cases}
     assert [c.case_id for c in result.cases] == [*GOOD, CORRUPT]
@@ -95,11 +89,11 @@ def test_good_cases_are_segmented_and_the_corrupt_case_fails_clearly(first_run, 
         assert (out / f"{case_id}.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_batch_output_equals_a_direct_run_on_the_channels_in_card_order(first_run, cohort, tiny_card_path) -> None:
+def test_batch_output_equals_a_direct_run_on_the_channels_in_card_order(first_run, cohort, card_path) -> None:
     """Together with the discovery tests (file → channel order) this pins which data reached the network."""
     _, out, _, _ = first_run
     files = [cohort / GOOD[0] / f"{GOOD[0]}-{key}.nii.gz" for key in MODALITIES]
-    direct = sitk.GetArrayFromImage(segment(files, load_card(tiny_card_path), CPU).labelmap)
+    direct = sitk.GetArrayFromImage(segment(files, load_card(card_path), CPU).labelmap)
     assert len(np.unique(direct)) > 1  # not a constant map, so the equality is informative
     assert np.array_equal(_array(out / f"{GOOD[0]}.nii.gz"), direct)
 
@@ -134,13 +128,13 @@ def test_progress_covers_cases_and_windows(first_run) -> None:
     assert any(m.startswith(f"2/3 cases, {GOOD[1]}: done") for _, m in progress)
 
 
-def test_rerun_skips_finished_cases_and_exits_non_zero_for_the_failed_one(first_run, cohort, tiny_card_path,
+def test_rerun_skips_finished_cases_and_exits_non_zero_for_the_failed_one(first_run, cohort, card_path,
                                                                           tmp_path, capsys) -> None:
     _, first_out, _, _ = first_run
     out = tmp_path / "out"
     shutil.copytree(first_out, out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".gz", ".png")}
-    args = build_parser().parse_args(["batch", str(cohort), str(out), "-m", str(tiny_card_path), "--device", "cpu",
+    args = build_parser().parse_args(["batch", str(cohort), str(out), "-m", str(card_path), "--device", "cpu",
                                       "--preview", "--quiet"])
     assert args.func(args) == 1
     text = capsys.readouterr().out
@@ -156,7 +150,7 @@ def test_rerun_skips_finished_cases_and_exits_non_zero_for_the_failed_one(first_
         assert rows[case_id]["WT (mL)"] == before[case_id]["WT (mL)"]
 
 
-def test_resume_redoes_outputs_that_are_incomplete_or_on_another_grid(first_run, cohort, tiny_card_path,
+def test_resume_redoes_outputs_that_are_incomplete_or_on_another_grid(first_run, cohort, card_path,
                                                                       tmp_path) -> None:
     """A label map cut short (SimpleITK reads the missing voxels as 0) or on another grid is not 'done'."""
     _, first_out, _, _ = first_run
@@ -167,7 +161,7 @@ def test_resume_redoes_outputs_that_are_incomplete_or_on_another_grid(first_run,
     truncated.write_bytes(data[: len(data) // 2])
     other_grid = out / f"{GOOD[1]}.nii.gz"
     sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkUInt8), str(other_grid))
-    result = segment_folder(cohort, out, tiny_card_path, CPU, network=_pointwise())
+    result = segment_folder(cohort, out, card_path, CPU, network=_pointwise())
     statuses = {c.case_id: c.status for c in result.cases}
     assert statuses == {GOOD[0]: DONE, GOOD[1]: DONE, CORRUPT: FAILED}
     for case_id in GOOD:
@@ -175,7 +169,7 @@ def test_resume_redoes_outputs_that_are_incomplete_or_on_another_grid(first_run,
         assert written.GetSize() == sitk.ReadImage(str(cohort / case_id / f"{case_id}-t2w.nii.gz")).GetSize()
 
 
-def test_a_full_disk_ends_the_batch_with_one_line_and_no_empty_outputs(cohort, tiny_card_path, tmp_path,
+def test_a_full_disk_ends_the_batch_with_one_line_and_no_empty_outputs(cohort, card_path, tmp_path,
                                                                        capsys) -> None:
     from filesystems import fill_up, mounted_tmpfs
     from SegMambaSlicerLib.cli import main
@@ -183,7 +177,7 @@ def test_a_full_disk_ends_the_batch_with_one_line_and_no_empty_outputs(cohort, t
     with mounted_tmpfs(tmp_path / "disk", 256) as disk:
         (disk / "out").mkdir()
         fill_up(disk, leave=6000)  # room for the summary, not for a label map
-        code = main(["batch", str(cohort), str(disk / "out"), "-m", str(tiny_card_path), "--device", "cpu",
+        code = main(["batch", str(cohort), str(disk / "out"), "-m", str(card_path), "--device", "cpu",
                      "--quiet"])
         err = capsys.readouterr().err
         assert code == 1
@@ -193,18 +187,18 @@ def test_a_full_disk_ends_the_batch_with_one_line_and_no_empty_outputs(cohort, t
         assert leftovers == []  # no 0-byte or partial label map, no temporary file
 
 
-def test_a_read_only_output_folder_is_refused_before_any_case(cohort, tiny_card_path, tmp_path, capsys) -> None:
+def test_a_read_only_output_folder_is_refused_before_any_case(cohort, card_path, tmp_path, capsys) -> None:
     from filesystems import mounted_tmpfs
     from SegMambaSlicerLib.cli import main
 
     with mounted_tmpfs(tmp_path / "ro", 64, read_only=True) as ro:
-        code = main(["batch", str(cohort), str(ro), "-m", str(tiny_card_path), "--device", "cpu"])
+        code = main(["batch", str(cohort), str(ro), "-m", str(card_path), "--device", "cpu"])
         err = capsys.readouterr().err
     assert code == 1 and err.count("error: ") == 1 and "Read-only file system" in err
     assert "case" not in err.split("error: ")[0]  # nothing was segmented first
 
 
-def test_an_existing_output_that_is_an_input_is_never_replaced(tiny_card_path, tmp_path) -> None:
+def test_an_existing_output_that_is_an_input_is_never_replaced(card_path, tmp_path) -> None:
     """--overwrite with an output name that is (a hard link of) an input: the case fails, the input stays."""
     source = tmp_path / "in"
     write_brats_case(make_phantom(shape=(24, 24, 16), seed=4), source, "Case-H")
@@ -213,17 +207,17 @@ def test_an_existing_output_that_is_an_input_is_never_replaced(tiny_card_path, t
     t1c = source / "Case-H" / "Case-H-t1c.nii.gz"
     os.link(t1c, out / "Case-H.nii.gz")
     before = t1c.read_bytes()
-    result = segment_folder(source, out, tiny_card_path, CPU, overwrite=True, network=_pointwise())
+    result = segment_folder(source, out, card_path, CPU, overwrite=True, network=_pointwise())
     assert [c.status for c in result.cases] == [FAILED]
     assert "would destroy the input" in result.cases[0].error
     assert t1c.read_bytes() == before
 
 
-def test_cpu_workers_give_the_in_process_results(first_run, cohort, tiny_card_path, tmp_path) -> None:
+def test_cpu_workers_give_the_in_process_results(first_run, cohort, card_path, tmp_path) -> None:
     _, first_out, _, _ = first_run
     out = tmp_path / "out"
     progress: list[str] = []
-    result = segment_folder(cohort, out, tiny_card_path, CPU, devices=["cpu", "cpu"],
+    result = segment_folder(cohort, out, card_path, CPU, devices=["cpu", "cpu"],
                             progress=lambda f, m: progress.append(m))
     assert [(c.case_id, c.status, c.device) for c in result.cases] == [
         (GOOD[0], DONE, "cpu"), (GOOD[1], DONE, "cpu"), (CORRUPT, FAILED, "cpu")]
@@ -233,7 +227,7 @@ def test_cpu_workers_give_the_in_process_results(first_run, cohort, tiny_card_pa
     assert any("window" in m for m in progress)
 
 
-def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort, tiny_card_path, tmp_path) -> None:
+def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort, card_path, tmp_path) -> None:
     """SIGKILL while the label map is being written: no file under the output name; the rerun finishes."""
     source = tmp_path / "in"
     shutil.copytree(cohort / GOOD[0], source / GOOD[0])
@@ -243,33 +237,33 @@ def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort,
             "from SegMambaSlicerLib.engine.pipeline import SegmentOptions\n"
             "segment_folder(sys.argv[1], sys.argv[2], sys.argv[3], SegmentOptions(device='cpu'),\n"
             "               network=torch.nn.Conv3d(4, 4, 1).eval())\n")
-    code, _ = signal_while_writing(tmp_path / "slow_batch.py", body, [str(source), str(out), str(tiny_card_path)],
+    code, _ = signal_while_writing(tmp_path / "slow_batch.py", body, [str(source), str(out), str(card_path)],
                                    marker, signal.SIGKILL)
     assert code == -signal.SIGKILL
     temporary = Path(marker.read_text(encoding="utf-8"))
     assert temporary.parent == out and temporary.name.startswith(f".{GOOD[0]}.nii.gz.") and temporary.exists()
     assert _visible_files(out) == []
 
-    result = segment_folder(source, out, tiny_card_path, CPU, network=_pointwise())
+    result = segment_folder(source, out, card_path, CPU, network=_pointwise())
     assert [c.status for c in result.cases] == [DONE]
     assert not temporary.exists()
     assert _visible_files(out) == [f"{GOOD[0]}.nii.gz", "summary.csv"]
 
 
-def test_freed_memory_is_kept_for_the_whole_cohort_and_released_once(cohort, tiny_card_path, tmp_path,
+def test_freed_memory_is_kept_for_the_whole_cohort_and_released_once(cohort, card_path, tmp_path,
                                                                      fake_libc) -> None:
     """Each case's windows ask for memory reuse; giving memory back between cases made every next case
     fault ~5 GB in again (docs/benchmarks.md), so it is given back only when the batch ends."""
-    result = segment_folder(cohort, tmp_path, tiny_card_path, CPU, network=_pointwise())
+    result = segment_folder(cohort, tmp_path, card_path, CPU, network=_pointwise())
     assert [r.case_id for r in result.cases if r.status == DONE] == list(GOOD)
     assert fake_libc.calls == KEEP + RESTORE
 
 
-def test_cancel_stops_between_cases_and_keeps_the_summary(cohort, tiny_card_path, tmp_path) -> None:
+def test_cancel_stops_between_cases_and_keeps_the_summary(cohort, card_path, tmp_path) -> None:
     out = tmp_path / "out"
     finished: list[str] = []
     with pytest.raises(CancelledError):
-        segment_folder(cohort, out, tiny_card_path, CPU, on_case=lambda r: finished.append(r.case_id),
+        segment_folder(cohort, out, card_path, CPU, on_case=lambda r: finished.append(r.case_id),
                        cancel=lambda: bool(finished), network=_pointwise())
     assert finished == [GOOD[0]]
     assert _visible_files(out) == [f"{GOOD[0]}.nii.gz", "summary.csv"]
@@ -286,8 +280,8 @@ def _touch(root: Path, *names: str) -> None:
         (root / name).write_bytes(b"")
 
 
-def test_brats_layout_discovery_reports_a_missing_channel(tiny_card_path, tmp_path) -> None:
-    card = load_card(tiny_card_path)
+def test_brats_layout_discovery_reports_a_missing_channel(card_path, tmp_path) -> None:
+    card = load_card(card_path)
     _touch(tmp_path, *(f"P1/P1-{k}.nii.gz" for k in MODALITIES), *(f"P2/P2-{k}.nii.gz" for k in MODALITIES[:3]),
            "P1/P1-seg.nii.gz", "notes/readme.txt", ".hidden/x-t2w.nii.gz")
     cases = discover_cases(tmp_path, card)
@@ -299,8 +293,8 @@ def test_brats_layout_discovery_reports_a_missing_channel(tiny_card_path, tmp_pa
     assert [c.case_id for c in discover_cases(tmp_path, card, skip=tmp_path / "out")] == ["P1", "P2"]
 
 
-def test_patterns_find_nnunet_and_brats2021_layouts(tiny_card_path, tmp_path) -> None:
-    card = load_card(tiny_card_path)
+def test_patterns_find_nnunet_and_brats2021_layouts(card_path, tmp_path) -> None:
+    card = load_card(card_path)
     nnunet = tmp_path / "nnunet"
     _touch(nnunet, *(f"imagesTs/BRATS_{n:03d}_{i:04d}.nii.gz" for n in (1, 2) for i in range(4)),
            "labelsTs/BRATS_001.nii.gz", "imagesTs/BRATS_003_0000.nii.gz")
@@ -322,8 +316,8 @@ def test_patterns_find_nnunet_and_brats2021_layouts(tiny_card_path, tmp_path) ->
     assert [c.inputs for c in deep] == [case.inputs]
 
 
-def test_bad_patterns_folders_and_devices_are_refused(tiny_card_path, tmp_path) -> None:
-    card = load_card(tiny_card_path)
+def test_bad_patterns_folders_and_devices_are_refused(card_path, tmp_path) -> None:
+    card = load_card(card_path)
     with pytest.raises(BatchError, match=r"\{case\}"):
         discover_cases(tmp_path, card, "{subject}_{channel}.nii.gz")
     with pytest.raises(BatchError, match=r"\{channel\} or \{index\}"):
@@ -333,7 +327,7 @@ def test_bad_patterns_folders_and_devices_are_refused(tiny_card_path, tmp_path) 
     with pytest.raises(BatchError, match="does not exist"):
         discover_cases(tmp_path / "missing", card)
     with pytest.raises(DeviceError, match="Unknown device"):
-        segment_folder(tmp_path, tmp_path / "out", tiny_card_path, devices=["cpu", "gpu7"])
+        segment_folder(tmp_path, tmp_path / "out", card_path, devices=["cpu", "gpu7"])
 
 
 
@@ -346,9 +340,9 @@ class _DeadWorker:
         return False
 
 
-def test_cases_of_a_dead_worker_fail_and_the_batch_ends(tiny_card_path, tmp_path) -> None:
+def test_cases_of_a_dead_worker_fail_and_the_batch_ends(card_path, tmp_path) -> None:
     """The worker died after starting Case-A: Case-A fails with its exit code, the never-started case too."""
-    card = load_card(tiny_card_path)
+    card = load_card(card_path)
     cases = [Case("Case-A"), Case("Case-B")]
     runner = batch._Runner(cases, batch._Job(card, CPU, tmp_path, False), tmp_path / "summary.csv", None, None)
     messages: queue.Queue = queue.Queue()
@@ -363,7 +357,7 @@ def test_cases_of_a_dead_worker_fail_and_the_batch_ends(tiny_card_path, tmp_path
 
 
 def test_batch_writes_confidence_maps_and_dicom_segs_per_case_and_redoes_cases_missing_them(
-        tiny_card_path, tmp_path) -> None:
+        card_path, tmp_path) -> None:
     """DICOM study folders ({case}/{channel} series folders): one SEG and one confidence map per case."""
     pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")
@@ -381,7 +375,7 @@ def test_batch_writes_confidence_maps_and_dicom_segs_per_case_and_redoes_cases_m
             if key == MODALITIES[0]:
                 series_uids[case_id] = tags["0020|000e"]
     out = tmp_path / "out"
-    argv = ["batch", str(source), str(out), "-m", str(tiny_card_path), "--pattern", "{case}/{channel}",
+    argv = ["batch", str(source), str(out), "-m", str(card_path), "--pattern", "{case}/{channel}",
             "--device", "cpu", "--quiet", "--confidence", "--dicom-seg"]
     assert main(argv) == 0
     for case_id in ("Study-1", "Study-2"):

@@ -31,7 +31,6 @@ from SegMambaSlicerLib.run import ray_engine
 from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, segment_folder
 from SegMambaSlicerLib.run.cases import BatchError, Case
 from SegMambaSlicerLib.run.ray_engine import ActorPlan, plan_actors
-from toy_models import write_tiny_brats_card
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is the optional 'cluster' extra (part of the test extras)")
@@ -39,11 +38,6 @@ CPU = SegmentOptions(device="cpu")
 GOOD = ("Case-A", "Case-B", "Case-C")
 CORRUPT = "Case-D"
 VICTIM, CRASHER = "Case-B", "Case-C"
-
-
-@pytest.fixture(scope="module")
-def tiny_card_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_brats_card(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +51,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_out(cohort: Path, tiny_card_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def local_out(cohort: Path, card_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The local engine's outputs: what the Ray engine must reproduce voxel for voxel."""
     out = tmp_path_factory.mktemp("local")
-    segment_folder(cohort, out, tiny_card_path, CPU)
+    segment_folder(cohort, out, card_path, CPU)
     return out
 
 
@@ -78,7 +72,7 @@ def ray_instance() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def fault_run(ray_instance: str, cohort: Path, tiny_card_path: Path, tmp_path_factory: pytest.TempPathFactory):
+def fault_run(ray_instance: str, cohort: Path, card_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """A Ray batch in which VICTIM's actor is killed mid-case once and CRASHER kills its actor every time.
 
     Two tries per case instead of three keep the module fast (each try of CRASHER restarts an actor).
@@ -106,7 +100,7 @@ def fault_run(ray_instance: str, cohort: Path, tiny_card_path: Path, tmp_path_fa
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray_engine, "FAULT_HOOK", fault_hook)
         patch.setattr(ray_engine, "CASE_ATTEMPTS", 2)
-        result = segment_folder(cohort, out, tiny_card_path, CPU, engine="ray",
+        result = segment_folder(cohort, out, card_path, CPU, engine="ray",
                                 progress=lambda f, m: progress.append((f, m)))
     killer.join(timeout=5)
     return result, out, progress
@@ -130,13 +124,13 @@ def _free_port() -> int:
 # ---------------------------------------------------------------- without Ray
 
 
-def test_the_batch_module_and_a_local_batch_never_import_ray(tiny_card_path: Path, tmp_path: Path) -> None:
+def test_the_batch_module_and_a_local_batch_never_import_ray(card_path: Path, tmp_path: Path) -> None:
     write_brats_case(make_phantom(shape=(32, 32, 24), seed=0), tmp_path / "cohort", "Case-A")
     cohort = tmp_path / "cohort"
     code = (
         "import sys\nfrom SegMambaSlicerLib.run import batch\nfrom SegMambaSlicerLib.cli import main\n"
         "assert 'ray' not in sys.modules, 'importing run.batch imported ray'\n"
-        f"code = main(['batch', {str(cohort)!r}, {str(tmp_path / 'out')!r}, '-m', {str(tiny_card_path)!r}, "
+        f"code = main(['batch', {str(cohort)!r}, {str(tmp_path / 'out')!r}, '-m', {str(card_path)!r}, "
         "'--device', 'cpu', '-q'])\n"
         "assert code == 0, code\n"
         "assert 'ray' not in sys.modules, 'a local batch imported ray'\n"
@@ -157,15 +151,15 @@ def test_actors_are_one_per_gpu_or_per_cpu_slot_and_never_more_than_cases() -> N
             plan_actors(device, cluster, 10, 4)
 
 
-def test_ray_settings_that_cannot_work_are_refused_in_one_line(cohort: Path, tiny_card_path: Path, tmp_path: Path,
+def test_ray_settings_that_cannot_work_are_refused_in_one_line(cohort: Path, card_path: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["batch", str(cohort), str(tmp_path / "out"), "-m", str(tiny_card_path), "-q"]
+    base = ["batch", str(cohort), str(tmp_path / "out"), "-m", str(card_path), "-q"]
     assert main([*base, "--address", "auto"]) == 1
     assert main([*base, "--engine", "ray", "--devices", "cpu,cpu"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "--engine ray" in lines[0] and "leave out --devices" in lines[1]
     with pytest.raises(BatchError, match="Unknown batch engine 'spark'"):
-        segment_folder(cohort, tmp_path / "out", tiny_card_path, CPU, engine="spark")
+        segment_folder(cohort, tmp_path / "out", card_path, CPU, engine="spark")
 
 
 # ---------------------------------------------------------------- on a local Ray instance
@@ -180,10 +174,10 @@ def test_the_local_ray_instance_listens_on_the_loopback_address_only(ray_instanc
 
 
 @needs_ray
-def test_cli_ray_engine_equals_the_local_engine_voxel_for_voxel(ray_instance: str, cohort: Path, tiny_card_path: Path,
+def test_cli_ray_engine_equals_the_local_engine_voxel_for_voxel(ray_instance: str, cohort: Path, card_path: Path,
                                                                local_out: Path, tmp_path: Path) -> None:
     out = tmp_path / "ray"
-    code = main(["batch", str(cohort), str(out), "-m", str(tiny_card_path), "--device", "cpu", "--engine", "ray",
+    code = main(["batch", str(cohort), str(out), "-m", str(card_path), "--device", "cpu", "--engine", "ray",
                  "-q"])
     assert code == 1  # the corrupt case, as with the local engine
     for case_id in GOOD:
@@ -225,11 +219,11 @@ def test_a_case_that_crashes_its_actor_every_time_fails_after_the_retries(fault_
 
 @needs_ray
 def test_a_rerun_skips_finished_cases_untouched_and_completes_the_rest(fault_run, cohort: Path,
-                                                                      tiny_card_path: Path, local_out: Path) -> None:
+                                                                      card_path: Path, local_out: Path) -> None:
     _, out, _ = fault_run
     finished = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     assert len(finished) == 2
-    result = segment_folder(cohort, out, tiny_card_path, CPU, engine="ray")
+    result = segment_folder(cohort, out, card_path, CPU, engine="ray")
     statuses = {c.case_id: c.status for c in result.cases}
     assert statuses == {"Case-A": SKIPPED, VICTIM: SKIPPED, CRASHER: DONE, CORRUPT: FAILED}
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
@@ -239,14 +233,14 @@ def test_a_rerun_skips_finished_cases_untouched_and_completes_the_rest(fault_run
 
 @needs_ray
 def test_cancel_stops_the_cohort_without_partial_outputs_and_keeps_the_callers_ray(ray_instance: str, cohort: Path,
-                                                                                   tiny_card_path: Path,
+                                                                                   card_path: Path,
                                                                                    tmp_path: Path) -> None:
     import ray
 
     finished: list[str] = []
     started: list[str] = []  # cancelled as soon as a case is handed to an actor
     with pytest.raises(CancelledError):
-        segment_folder(cohort, tmp_path, tiny_card_path, CPU, engine="ray", on_case=lambda r: finished.append(r.case_id),
+        segment_folder(cohort, tmp_path, card_path, CPU, engine="ray", on_case=lambda r: finished.append(r.case_id),
                        progress=lambda f, m: started.append(m) if "started" in m else None,
                        cancel=lambda: bool(started))
     assert ray.is_initialized()
@@ -260,10 +254,10 @@ def test_cancel_stops_the_cohort_without_partial_outputs_and_keeps_the_callers_r
 
 @needs_ray
 def test_an_address_that_does_not_answer_is_one_line_within_seconds(ray_instance: str, cohort: Path,
-                                                                    tiny_card_path: Path, tmp_path: Path,
+                                                                    card_path: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     start = time.monotonic()
-    code = main(["batch", str(cohort), str(tmp_path / "out"), "-m", str(tiny_card_path), "--engine", "ray",
+    code = main(["batch", str(cohort), str(tmp_path / "out"), "-m", str(card_path), "--engine", "ray",
                  "--address", f"127.0.0.1:{_free_port()}", "-q"])
     assert code == 1 and time.monotonic() - start < ray_engine.CONNECT_TIMEOUT_S + 5
     err = capsys.readouterr().err.strip().splitlines()
