@@ -26,7 +26,7 @@ from SegMambaSlicerLib.models.cards import load_card
 from SegMambaSlicerLib.run import batch
 from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, segment_folder
 from SegMambaSlicerLib.run.cases import BatchError, Case, discover_cases
-from toy_models import PointwiseNet
+from toy_models import PointwiseNet, write_cohort
 
 CPU = SegmentOptions(device="cpu")
 GOOD = ("Case-A", "Case-B")
@@ -36,11 +36,7 @@ CORRUPT = "Case-C"
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two phantom cases in the BraTS 2023 layout and one whose T1c file is not an image."""
-    root = tmp_path_factory.mktemp("cohort")
-    for seed, case_id in enumerate((*GOOD, CORRUPT)):
-        write_brats_case(make_phantom(shape=(40, 36, 24), seed=seed, spacing=(1.0, 1.2, 1.5)), root, case_id)
-    (root / CORRUPT / f"{CORRUPT}-t1c.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
-    return root
+    return write_cohort(tmp_path_factory.mktemp("cohort"), GOOD, CORRUPT)
 
 
 @pytest.fixture(scope="module")

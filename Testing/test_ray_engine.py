@@ -31,6 +31,7 @@ from SegMambaSlicerLib.run import ray_engine
 from SegMambaSlicerLib.run.batch import DONE, FAILED, SKIPPED, segment_folder
 from SegMambaSlicerLib.run.cases import BatchError, Case
 from SegMambaSlicerLib.run.ray_engine import ActorPlan, plan_actors
+from toy_models import write_cohort
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is the optional 'cluster' extra (part of the test extras)")
@@ -43,11 +44,7 @@ VICTIM, CRASHER = "Case-B", "Case-C"
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three phantom cases in the BraTS 2023 layout and one whose T1c file is not an image."""
-    root = tmp_path_factory.mktemp("cohort")
-    for seed, case_id in enumerate((*GOOD, CORRUPT)):
-        write_brats_case(make_phantom(shape=(40, 36, 24), seed=seed, spacing=(1.0, 1.2, 1.5)), root, case_id)
-    (root / CORRUPT / f"{CORRUPT}-t1c.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
-    return root
+    return write_cohort(tmp_path_factory.mktemp("cohort"), GOOD, CORRUPT)
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,13 @@ def nnunet_result_card(cases: Any, case: str, folder: Path) -> ModelCard:
         plans, dataset_json, "3d_fullres", folder, ("0", "1"), "checkpoint_final.pth", cases.TRAINER,
         mirror_axes=cases.CASES[case].get("mirror"),
     ))
+
+
+def write_cohort(root: Path, good: tuple[str, ...], corrupt: str) -> Path:
+    """Phantom cases in the BraTS 2023 layout under ``root`` and one case whose T1c file is not an image."""
+    from SegMambaSlicerLib.evaluation.phantom import make_phantom, write_brats_case
+
+    for seed, case_id in enumerate((*good, corrupt)):
+        write_brats_case(make_phantom(shape=(40, 36, 24), seed=seed, spacing=(1.0, 1.2, 1.5)), root, case_id)
+    (root / corrupt / f"{corrupt}-t1c.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
+    return root
