@@ -179,12 +179,16 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             self._run.cancel()
             self._run = None
+        if self.logic is None:  # an unsupported Slicer: setup() built nothing
+            return
         self.logic.releaseWorker()
         self._timer.stop()
+        self._kernelTimer.stop()
         self.removeObservers()
 
     def enter(self):
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self):
         if self._parameterNode:
@@ -196,7 +200,8 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
             self._endRun(_("Cancelled: the scene was closed."))
         self.setParameterNode(None)
-        self._result = self._resultNode = self._comparison = None
+        self._result = self._resultNode = self._comparison = self._reportInputs = None
+        self.ui.saveReportButton.enabled = self.ui.exportDicomSegButton.enabled = False
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:

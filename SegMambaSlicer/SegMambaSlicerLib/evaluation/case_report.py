@@ -16,7 +16,6 @@ to a few lines, and the lesion table gets the rows that are left and says how ma
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import math
 import os
@@ -37,6 +36,7 @@ from ..io.report import (
     ReportError,
     grey_window,  # the preview PNG's grey levels, so both show the same
     preview_panels,
+    software_version,
 )
 from .lesions import Lesion, Measurement, measure, measured_regions
 
@@ -80,14 +80,6 @@ class _Column:
     title: str
     width: float  # inches
     align: str = "right"
-
-
-def software_version() -> str:
-    """The installed segmamba-slicer version; "development" when run from a checkout that is not installed."""
-    try:
-        return importlib.metadata.version("segmamba-slicer")
-    except importlib.metadata.PackageNotFoundError:
-        return "development"
 
 
 def region_confidence(

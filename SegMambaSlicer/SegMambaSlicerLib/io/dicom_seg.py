@@ -16,7 +16,6 @@ module imports them only when a SEG is made, so the rest of the package works wi
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import struct
@@ -29,6 +28,7 @@ import SimpleITK as sitk
 
 from ..errors import ModelCardError, SegMambaError
 from .atomic import OutputError, write_atomic
+from .report import software_version
 
 if TYPE_CHECKING:  # segments are described by the card's label fields; io sits below models
     from pydicom import Dataset
@@ -241,13 +241,6 @@ def _description(number: int, label: LabelSpec, algorithm: Any) -> Any:
     return description
 
 
-def _software_version() -> str:
-    try:
-        return importlib.metadata.version("segmamba-slicer")
-    except importlib.metadata.PackageNotFoundError:  # run from the Slicer module's folder, not installed
-        return "unknown"
-
-
 def make_dicom_seg(
     labelmap: sitk.Image,
     labels: Sequence[LabelSpec],
@@ -284,7 +277,7 @@ def make_dicom_seg(
             instance_number=1,
             manufacturer="SegMambaSlicer",
             manufacturer_model_name=name,
-            software_versions=_software_version(),
+            software_versions=software_version(),
             device_serial_number="0",  # software has none, yet the attribute is mandatory
             content_label=_CONTENT_LABEL,
             content_description=f"{name} segmentation"[:64],

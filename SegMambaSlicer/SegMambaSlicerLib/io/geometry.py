@@ -99,8 +99,11 @@ def reorder_to(direction: np.ndarray, orientation: str = "LPS") -> AxisReorder:
     return AxisReorder(source_axis=tuple(best), flip=flips)  # type: ignore[arg-type]
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    """True when two images share size, spacing, origin and direction (within ``tol``)."""
+def same_grid(a: sitk.Image | sitk.ImageFileReader, b: sitk.Image | sitk.ImageFileReader, tol: float = 1e-4) -> bool:
+    """True when two grids share size, spacing, origin and direction (within ``tol``).
+
+    Either may be a reader after ``ReadImageInformation()``, so a file's grid is compared from its header.
+    """
     return (
         a.GetSize() == b.GetSize()
         and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from ..errors import InputImageError
 from .atomic import OutputError, write_atomic
+from .geometry import same_grid
 
 if TYPE_CHECKING:  # files know cards by their fields only: io sits below the models layer
     from ..models.cards import ModelCard
@@ -83,10 +84,9 @@ def _stored_bytes(path: Path) -> tuple[bytes, int]:
     A gzip stream that ends early or fails its checksum raises ``EOFError``/``gzip.BadGzipFile``.
     """
     with open(path, "rb") as raw:
-        compressed = raw.read(2) == _GZIP_MAGIC
-    if not compressed:
-        with open(path, "rb") as handle:
-            return handle.read(540), path.stat().st_size
+        if raw.read(2) != _GZIP_MAGIC:
+            raw.seek(0)
+            return raw.read(540), path.stat().st_size
     with gzip.open(path, "rb") as handle:
         head = handle.read(540)
         total = len(head)
@@ -219,13 +219,7 @@ def _verify_image(tmp: Path, image: sitk.Image) -> None:
         back = read_image_file(tmp, "written")
     except InputImageError:
         raise OutputError("the file reads back incomplete or damaged") from None
-    same_grid = (
-        back.GetSize() == image.GetSize()
-        and np.allclose(back.GetSpacing(), image.GetSpacing(), rtol=1e-6, atol=1e-6)
-        and np.allclose(back.GetOrigin(), image.GetOrigin(), rtol=1e-6, atol=1e-4)
-        and np.allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
-    )
-    if not same_grid:
+    if not same_grid(back, image):
         raise OutputError("the file reads back on another voxel grid than the one written")
     if not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
         raise OutputError("the file reads back with other voxel values than those written")

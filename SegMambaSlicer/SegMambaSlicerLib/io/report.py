@@ -9,6 +9,7 @@ sees half a file.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,14 @@ if TYPE_CHECKING:  # files know cards by their fields only: io sits below the mo
 #: Opacity of the label colours over the grey-scale image.
 OVERLAY_ALPHA = 0.45
 CSV_COLUMNS = ("segment", "description", "label_values", "volume_ml")
+
+
+def software_version() -> str:
+    """The installed segmamba-slicer version; "development" when run from a checkout that is not installed."""
+    try:
+        return importlib.metadata.version("segmamba-slicer")
+    except importlib.metadata.PackageNotFoundError:
+        return "development"
 
 
 class ReportError(SegMambaError):

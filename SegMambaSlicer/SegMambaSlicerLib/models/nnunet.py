@@ -16,7 +16,6 @@ so they can be stored like any other card.
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 import pickle
 import shutil
@@ -33,7 +32,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelCardError
 from ..networks.mambaclinix import mambaclinix_from_plans, num_input_channels_of, resolve_configuration
-from .cache import cache_dir
+from .cache import cache_dir, file_sha256
 from .cards import ModelCard, card_from_dict
 from .checkpoints import extract_state_dict, load_into
 
@@ -199,21 +198,13 @@ def _wanted_member(name: str) -> bool:
     return parts[-1] in CHECKPOINT_NAMES and len(parts) >= 2 and parts[-2].startswith("fold_")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def extract_model_zip(path: Path, cache: str | Path | None = None) -> Path:
     """Unpack the model files of an nnU-Net model .zip once into ``<cache>/nnunet/<sha256>``.
 
     Only dataset.json, plans.json and fold checkpoints are extracted; member names that are
     absolute or climb out with ``..`` are refused.
     """
-    dest = cache_dir(cache) / "nnunet" / _sha256(path)[:16]
+    dest = cache_dir(cache) / "nnunet" / file_sha256(path, cache)[:16]  # hashed once per file version
     if dest.is_dir():
         return dest
     try:

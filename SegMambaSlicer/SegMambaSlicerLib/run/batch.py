@@ -28,7 +28,6 @@ from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import SimpleITK as sitk
 
 from ..engine.volumes import volumes_ml
@@ -40,6 +39,7 @@ from ..io.atomic import (
     remove_stale_temporaries,
     write_text_atomic,
 )
+from ..io.geometry import same_grid
 from ..io.images import read_image, read_image_file, write_image_atomic
 from ..models.cards import ModelCard
 from .cases import BatchError, Case, discover_cases
@@ -127,7 +127,7 @@ def existing_volumes(path: Path, card: ModelCard, reference: Path | None = None)
         return None
     try:
         labelmap = read_image_file(path, "existing output")
-        if reference is not None and not same_grid(labelmap, reference):
+        if reference is not None and not _on_grid_of(labelmap, reference):
             log.warning("Segmenting %s again: the existing output is not on the grid of %s.", path.name,
                         reference.name)
             return None
@@ -137,21 +137,15 @@ def existing_volumes(path: Path, card: ModelCard, reference: Path | None = None)
         return None
 
 
-def same_grid(image: sitk.Image, reference: Path) -> bool:
-    """Whether ``image`` lies on the voxel grid of ``reference``: an image file (only its header is read)
-    or a DICOM series folder (read as the pipeline reads it)."""
+def _on_grid_of(image: sitk.Image, reference: Path) -> bool:
+    """Whether ``image`` lies on the grid of ``reference``: an image file (only its header is read) or a
+    DICOM series folder (read as the pipeline reads it)."""
     if Path(reference).is_dir():
-        grid: sitk.Image | sitk.ImageFileReader = read_image(reference)
-    else:
-        grid = sitk.ImageFileReader()
-        grid.SetFileName(str(reference))
-        grid.ReadImageInformation()
-    return (
-        tuple(image.GetSize()) == tuple(grid.GetSize())
-        and np.allclose(image.GetSpacing(), grid.GetSpacing(), rtol=1e-5, atol=1e-5)
-        and np.allclose(image.GetOrigin(), grid.GetOrigin(), rtol=1e-5, atol=1e-3)
-        and np.allclose(image.GetDirection(), grid.GetDirection(), atol=1e-5)
-    )
+        return same_grid(image, read_image(reference))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    reader.ReadImageInformation()
+    return same_grid(image, reader)
 
 
 def summary_columns(card: ModelCard) -> list[str]:
@@ -528,7 +522,9 @@ def _run_workers(runner: _Runner, todo: Sequence[Case], devices: Sequence[str], 
     for _ in devices:
         tasks.put(None)
     cpu_workers = sum(d.lower() == "cpu" for d in devices) or 1
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers)
+    from .worker import usable_cpu_count  # the CPUs this process may use (affinity), not all the machine's
+
+    threads = max(1, (usable_cpu_count() or 1) // cpu_workers)
     workers = [
         context.Process(target=_worker_main, args=(i, d, threads, runner.job, tasks, results), daemon=True,
                         name=f"segmamba-batch-{d}")
