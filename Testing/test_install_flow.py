@@ -26,6 +26,7 @@ from SegMambaSlicerLib.slicer.install import (
     plan_install,
 )
 from SegMambaSlicerLib.slicer.install_flow import (
+    PIP_FAILED,
     InstallActions,
     InstallFlow,
     KernelPreference,
@@ -86,8 +87,10 @@ class FakeSlicer:
         finally:
             self.calls.append(("idle",))
 
-    def _fail(self, action: str) -> None:
+    def _fail(self, action: str, slicer_shows_it: bool = False) -> None:
         if self.fail_on == action:
+            if slicer_shows_it:
+                self.calls.append(("slicer shows pip's log",))
             raise CalledProcessError(1, ["pip", "install"])
 
     def _install(self, requirements: Iterable[str]) -> None:
@@ -111,12 +114,17 @@ class FakeSlicer:
         if arguments[:1] == ["-c"]:
             arguments = ["-c", self._seen(arguments[1]), *arguments[2:]]
         self.calls.append(("pip_install", arguments))
-        self._fail("pip_install")
+        # Slicer >= 5.12: slicer.util.pip_install -> slicer.packaging.pip_install -> _pip_install_with_dialog,
+        # which calls errorDisplay with pip's log before raising (v5.12.0-v5.12.3 Base/Python/slicer/packaging.py);
+        # 5.10's pip_install only raises (v5.10.0 Base/Python/slicer/util.py, logProcessOutput).
+        self._fail("pip_install", slicer_shows_it=self.version >= (5, 12))
         self._install(a for a in arguments if not a.startswith("-") and a != CONSTRAINTS)
 
     def _pip_ensure(self, packages: list[str], constraints: str, skip: list[str], requester: str) -> list[str] | None:
         self.calls.append(("pip_ensure", packages, self._seen(constraints), skip, requester))
-        self._fail("pip_ensure")
+        # With skip_packages, pip_ensure -> pip_install -> _pip_install_with_skips_dialog, which closes its
+        # progress dialog and lets CalledProcessError through with no error dialog (v5.12.0-v5.12.3).
+        self._fail("pip_ensure", slicer_shows_it=not skip)
         self._install(packages)
         return self.skipped
 
@@ -205,22 +213,32 @@ def test_a_failed_pip_is_shown_once_the_constraints_file_is_removed_and_nothing_
     fake.fail_on = "pip_install"
     assert fake.flow().ensure() is False
     error = fake.calls[-1]
-    assert error[:2] == ("error", "Installing the Python packages failed. See the log for pip's output.")
+    assert error[:2] == ("error", PIP_FAILED) and "Python console" in PIP_FAILED
     assert isinstance(error[2], CalledProcessError)
     assert fake.calls[-2] == ("idle",)  # the wait cursor is gone before the error shows
     assert ("refresh",) not in fake.calls and ("log", "Python packages installed.") not in fake.calls
     assert len(fake.constraint_paths) == 1 and not fake.constraint_paths[0].exists()
 
 
-def test_a_failed_pip_on_slicer_512_is_not_shown_a_second_time() -> None:
-    """slicer.packaging shows its own dialog with pip's log before raising: the flow only logs."""
-    fake = fresh(version=(5, 12))
-    fake.fail_on = "pip_ensure"
+@pytest.mark.parametrize(("version", "extension", "fail_on", "shown_by"), [
+    ((5, 10), False, "pip_install", "flow"),  # torch by pip
+    ((5, 10), True, "pip_install", "flow"),  # the other packages by pip
+    ((5, 12), False, "pip_install", "slicer"),  # torch by 5.12's pip_install, which shows pip's log
+    ((5, 12), True, "pip_ensure", "flow"),  # pip_ensure with skip_packages shows no error dialog
+])
+def test_every_failed_pip_is_shown_exactly_once(version, extension, fail_on, shown_by) -> None:
+    fake = fresh(version=version, extension=extension)
+    fake.fail_on = fail_on
     assert fake.flow().ensure() is False
-    assert not [c for c in fake.calls if c[0] == "error"]
-    assert fake.calls[-2:] == [("idle",), ("log", "Installing the Python packages failed (Command '['pip', "
-                                           "'install']' returned non-zero exit status 1.); Slicer showed pip's log.")]
-    assert ("refresh",) not in fake.calls and not fake.constraint_paths[0].exists()
+    dialogs = [c for c in fake.calls if c[0] in ("error", "slicer shows pip's log")]
+    assert len(dialogs) == 1, fake.calls
+    if shown_by == "flow":
+        assert dialogs[0][:2] == ("error", PIP_FAILED) and isinstance(dialogs[0][2], CalledProcessError)
+    else:
+        assert fake.calls[-2:] == [("idle",), ("log", "Installing the Python packages failed (Command '['pip', "
+                                               "'install']' returned non-zero exit status 1.); Slicer showed "
+                                               "pip's log.")]
+    assert ("refresh",) not in fake.calls and not any(path.exists() for path in fake.constraint_paths)
 
 
 def test_intel_macs_are_told_why_nothing_is_installed() -> None:

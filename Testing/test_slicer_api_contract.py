@@ -794,12 +794,16 @@ def bad(node):
     segment = slicer.vtkSegment()
     segment.SetName("a", "b")
     slicer.util.errorDisplay("text", windowTitle="t", detailsText="typo")
+    slicer.pydeps.pip_ensure(["scipy"], requester="r")
+    slicer.packaging.pip_ensure(["scipy"], constraint="c.txt", skip_packages=["numpy"])
 
 def good(node):
     slicer.util.errorDisplay("text", windowTitle="t", detailedText="details")
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="c", sampleName="s", uris=[], fileNames=[], customDownloader=print)
     slicer.vtkSlicerVolumesLogic().AddArchetypeVolume("f.nrrd", "name", 4)
+    slicer.packaging.pip_ensure(["scipy"], constraints="c.txt", skip_packages=["numpy"], prompt_install=False,
+                                requester="r")
 '''
 
 
@@ -814,7 +818,9 @@ def test_checker_flags_synthetic_bad_calls(api: Api) -> None:
     assert "no form takes that (its forms take 2, 3 or 4 arguments)" in lines[11] and "SLICER.md" in lines[11]
     assert "slicer.vtkSegment.SetName" in lines[13]
     assert "keyword 'detailsText' goes to **kwargs, which ignores it" in lines[14]
-    assert sorted(lines) == [6, 7, 8, 9, 11, 13, 14], problems  # nothing in good()
+    assert "slicer.pydeps.pip_ensure" in lines[15] and "not in the released-API table" in lines[15]  # no release
+    assert "unknown keyword 'constraint'" in lines[16]
+    assert sorted(lines) == [6, 7, 8, 9, 11, 13, 14, 15, 16], problems  # nothing in good()
 
 
 def test_vtk_docstring_parser_reads_overloads_nested_types_and_statics() -> None:

@@ -6,6 +6,8 @@ to clean up* — the part that used to live in the Qt widget, untested:
 - ask once (the plan's text); a refusal installs nothing;
 - torch first, then a fresh plan, so that the torch just installed is pinned for the other packages;
 - the other packages with a temporary constraints file, removed however pip ends;
+- one error dialog when pip fails: the flow's own, except where Slicer has shown one already (5.12's
+  ``slicer.util.pip_install``; its ``pip_ensure`` with ``skip_packages`` shows none);
 - a restart offered only when the plan needs one and plain pip installed the packages
   (``slicer.packaging.pip_ensure`` offers its own);
 - the optional fused CUDA kernels, offered only where they can run.
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 #: Window titles and slicer.packaging's ``requester``: who asks the user.
 REQUESTER = "SegMamba"
 _DECLINED_KERNELS = "fused_kernels_declined"
+#: Slicer's pip_install and pip_ensure print pip's output to the Python console (slicer.util.logProcessOutput).
+PIP_FAILED = "Installing the Python packages failed. pip's output is in the Python console (View > Python Console)."
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,13 @@ class InstallActions:
 
 
 class _ShownBySlicer(Exception):
-    """pip failed inside ``slicer.packaging``, which has already shown its own dialog with pip's log."""
+    """pip failed inside Slicer, which has already shown its own error dialog with pip's log.
+
+    Only Slicer ≥ 5.12's ``slicer.util.pip_install`` does that (``slicer.packaging._pip_install_with_dialog``,
+    v5.12.0 to v5.12.3). ``slicer.packaging.pip_ensure`` with ``skip_packages`` installs through
+    ``_pip_install_with_skips_dialog``, which closes its progress dialog and raises with no error dialog,
+    and 5.10's ``pip_install`` shows none either: those failures the flow shows itself.
+    """
 
 
 def _imported_top_level_modules() -> set[str]:
@@ -196,7 +206,7 @@ class InstallFlow:
             self.actions.log(f"Installing the Python packages failed ({exc.__cause__}); Slicer showed pip's log.")
             return False
         except Exception as exc:  # noqa: BLE001 - pip and PyTorchUtils raise many kinds; all are shown
-            self.actions.show_error("Installing the Python packages failed. See the log for pip's output.", exc)
+            self.actions.show_error(PIP_FAILED, exc)
             return False
         self.actions.log("Python packages installed.")
         if plan.restart_needed and plan.installer == install.PIP_INSTALLER:
@@ -257,17 +267,20 @@ class InstallFlow:
             if self.actions.install_torch(plan.torch_specifier) is None:
                 raise SegMambaError("The PyTorch extension could not install PyTorch; see the Python console.")
         else:
-            self.actions.pip_install(install.pip_install_arguments([plan.torch], None))
+            try:
+                self.actions.pip_install(install.pip_install_arguments([plan.torch], None))
+            except subprocess.CalledProcessError as exc:
+                if plan.installer == install.PACKAGING_INSTALLER:  # 5.12's pip_install showed the log
+                    raise _ShownBySlicer() from exc
+                raise
 
     def _install_packages(self, plan: InstallPlan) -> None:
         self.actions.log("Installing " + ", ".join(plan.packages) + " (keeping " + ", ".join(plan.constraints) + ")…")
         with constraints_file(plan) as constraints:
             if plan.installer == install.PACKAGING_INSTALLER:
-                try:
-                    skipped = self.actions.pip_ensure(list(plan.packages), constraints, list(plan.skip_packages),
-                                                      REQUESTER)
-                except subprocess.CalledProcessError as exc:  # slicer.packaging showed its dialog with the log
-                    raise _ShownBySlicer() from exc
+                # A failure here reaches ensure()'s error dialog: with skip_packages, pip_ensure shows none.
+                skipped = self.actions.pip_ensure(list(plan.packages), constraints, list(plan.skip_packages),
+                                                  REQUESTER)
                 if skipped:
                     self.actions.log("Left to Slicer: " + ", ".join(skipped))
             else:
