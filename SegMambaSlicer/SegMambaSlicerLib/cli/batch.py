@@ -37,6 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "(needs segmamba-slicer[cluster]; docs/scale.md)")
     p.add_argument("--address", help="with --engine ray: the cluster to join (auto, ray://HEAD:10001); "
                    "default: a Ray instance on this machine for this batch")
+    p.add_argument("--ship-inputs", action="store_true",
+                   help="with --engine ray, for a cluster that does not share the storage with this computer: "
+                   "this computer reads every case, sends its images to the actors and writes the outputs "
+                   "they send back (the model must still load on every node; docs/scale.md)")
     add_run_options(p)
     p.set_defaults(func=run)
     return p
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
         preview=args.preview, devices=args.devices.split(",") if args.devices else None,
         summary_csv=args.summary, progress=progress, on_case=print_case, engine=args.engine,
-        address=args.address, confidence=args.confidence, dicom_seg=args.dicom_seg,
+        address=args.address, confidence=args.confidence, dicom_seg=args.dicom_seg, ship_inputs=args.ship_inputs,
     )
     counts = {s: sum(c.status == s for c in result.cases) for s in (DONE, SKIPPED, FAILED)}
     print(f"{len(result.cases)} cases: {counts[DONE]} segmented, {counts[SKIPPED]} skipped (already done), "

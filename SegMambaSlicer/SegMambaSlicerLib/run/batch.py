@@ -47,7 +47,7 @@ from .cases import BatchError, Case, discover_cases
 if TYPE_CHECKING:  # torch and the pipeline are imported on use: the command line should start fast
     from torch import nn
 
-    from ..engine.pipeline import SegmentOptions
+    from ..engine.pipeline import SegmentationResult, SegmentOptions
 
 log = logging.getLogger(__name__)
 
@@ -196,23 +196,49 @@ def run_case(job: _Job, case: Case, network: nn.Module | None, progress: Progres
     from ..engine.pipeline import segment
 
     start = time.perf_counter()
-    output = output_path(job.output_dir, case.case_id)
     try:
-        if case.problem:
-            raise InputImageError(case.problem)
-        extra = job.extra_outputs(case.case_id)
-        refuse_overwriting_inputs([output, preview_path(job.output_dir, case.case_id), *extra], case.inputs)
-        remove_stale_temporaries(output)
-        source = _dicom_source(case) if job.dicom_seg else None  # an unusable series fails before the network
+        source = prepare_case(job, case)
         result = segment(list(case.inputs), job.card, job.options, progress, cancel, network)
     except CancelledError:
         raise
-    except SegMambaError as exc:
-        return CaseResult(case.case_id, FAILED, time.perf_counter() - start, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - one broken case must not stop a cohort; traceback goes to the log
-        log.exception("Case %s failed unexpectedly", case.case_id)
-        return CaseResult(case.case_id, FAILED, time.perf_counter() - start,
-                          error=f"unexpected {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one broken case must not stop a cohort (see case_failed)
+        return case_failed(case.case_id, start, exc)
+    return write_case(job, case, result, source, start)
+
+
+def prepare_case(job: _Job, case: Case) -> tuple[object, ...] | None:
+    """The checks before a case's network runs; returns the DICOM series its SEG references (None without).
+
+    Raises for a case that cannot be segmented (found without its files, an output that would replace an
+    input, an unusable DICOM series), so that it fails before the network. The Ray engine's driver calls it
+    too when it reads the cases for actors that do not share the storage.
+    """
+    if case.problem:
+        raise InputImageError(case.problem)
+    output = output_path(job.output_dir, case.case_id)
+    extra = job.extra_outputs(case.case_id)
+    refuse_overwriting_inputs([output, preview_path(job.output_dir, case.case_id), *extra], case.inputs)
+    remove_stale_temporaries(output)
+    return _dicom_source(case) if job.dicom_seg else None
+
+
+def case_failed(case_id: str, start: float, exc: Exception) -> CaseResult:
+    """The failed result of a case that raised ``exc``: our errors by their message, others with the
+    traceback in the log (one broken case must not stop a cohort)."""
+    if isinstance(exc, SegMambaError):
+        return CaseResult(case_id, FAILED, time.perf_counter() - start, error=str(exc))
+    log.error("Case %s failed unexpectedly", case_id, exc_info=exc)
+    return CaseResult(case_id, FAILED, time.perf_counter() - start, error=f"unexpected {type(exc).__name__}: {exc}")
+
+
+def write_case(job: _Job, case: Case, result: SegmentationResult, source: tuple[object, ...] | None,
+               start: float) -> CaseResult:
+    """Write a segmented case's outputs atomically and return its result; ``start`` is when the case began.
+
+    Called where the case was segmented, or by the Ray engine's driver for the label maps its actors send
+    back, so that both write alike. A full disk or a lost folder raises :class:`OutputError` (the batch ends).
+    """
+    output = output_path(job.output_dir, case.case_id)
     write_image_atomic(result.labelmap, output)  # a full disk or lost folder ends the batch (OutputError)
     if result.confidence is not None:
         write_image_atomic(result.confidence, confidence_path(job.output_dir, case.case_id), what="confidence map")
@@ -285,6 +311,7 @@ def segment_folder(
     address: str | None = None,
     confidence: bool = False,
     dicom_seg: bool = False,
+    ship_inputs: bool = False,
 ) -> BatchResult:
     """Segment every case in ``input_dir`` into ``output_dir/<case>.nii.gz`` and write a summary CSV.
 
@@ -301,7 +328,10 @@ def segment_folder(
 
     ``engine="ray"`` segments on a Ray cluster instead (docs/scale.md): one actor per GPU or CPU slot, the
     same outputs, summary and resume; ``address`` joins a running cluster (``auto``, ``ray://host:10001``),
-    without it a local Ray instance is started for the batch and stopped after it.
+    without it a local Ray instance is started for the batch and stopped after it. ``ship_inputs`` (Ray
+    only) is for a cluster that does not share the storage with this computer: this process reads every
+    case and sends its images through Ray's object store, the actors send the label maps back, and every
+    output is written here.
 
     ``confidence`` also writes ``<case>_confidence.nii.gz`` (see :class:`.pipeline.SegmentOptions`), and
     ``dicom_seg`` a ``<case>.dcm`` DICOM segmentation for cases whose first input is a DICOM series folder
@@ -309,7 +339,7 @@ def segment_folder(
     fails with the reason. A finished case missing an asked-for output is segmented again.
     """
     out, summary = check_batch_outputs(output_dir, summary_csv)
-    _check_engine(engine, address, devices, network)
+    _check_engine(engine, address, devices, network, ship_inputs)
     from ..engine.pipeline import SegmentOptions
     from ..models.registry import resolve_model
 
@@ -334,7 +364,7 @@ def segment_folder(
             runner.finish(done, write=False)
     try:
         if engine == "ray":
-            _run_on_ray(runner, todo, address, cancel)
+            _run_on_ray(runner, todo, address, cancel, ship_inputs)
         elif len(devices) > 1 and len(todo) > 1:
             _run_workers(runner, todo, devices[: len(todo)], cancel)
         else:
@@ -358,13 +388,14 @@ def check_batch_outputs(output_dir: PathLike, summary_csv: PathLike | None = Non
 
 
 def _check_engine(engine: str, address: str | None, devices: Sequence[str] | None,
-                  network: nn.Module | None) -> None:
+                  network: nn.Module | None, ship_inputs: bool = False) -> None:
     """Refuse engine settings that cannot work within seconds, before PyTorch, the model and the cases load."""
     if engine not in ENGINES:
         raise BatchError(f"Unknown batch engine {engine!r}; use one of: {', '.join(ENGINES)}.")
     if engine == "local":
-        if address is not None:
-            raise BatchError("A Ray address needs the Ray engine: add --engine ray (engine='ray').")
+        if address is not None or ship_inputs:
+            what = "A Ray address" if address is not None else "Shipping the inputs to the actors"
+            raise BatchError(f"{what} needs the Ray engine: add --engine ray (engine='ray').")
         return
     if any(d.strip() for d in devices or ()) or network is not None:
         raise BatchError("The Ray engine places one actor per GPU or CPU slot of the cluster; leave out --devices "
@@ -374,14 +405,16 @@ def _check_engine(engine: str, address: str | None, devices: Sequence[str] | Non
     check_address(address)
 
 
-def _run_on_ray(runner: _Runner, todo: Sequence[Case], address: str | None, cancel: CancelCallback | None) -> None:
-    """The Ray engine, handed this module's case runner so that both engines segment and write alike."""
-    from .ray_engine import run_on_ray
+def _run_on_ray(runner: _Runner, todo: Sequence[Case], address: str | None, cancel: CancelCallback | None,
+                ship_inputs: bool = False) -> None:
+    """The Ray engine, handed this module's case steps so that both engines segment and write alike."""
+    from .ray_engine import CaseSteps, run_on_ray
 
     def failed(case_id: str, error: str) -> CaseResult:
         return CaseResult(case_id, FAILED, error=error)
 
-    run_on_ray(runner, todo, address, cancel, run_case, failed)
+    steps = CaseSteps(run_case, prepare_case, write_case, case_failed, failed)
+    run_on_ray(runner, todo, address, cancel, steps, ship_inputs)
 
 
 def _check_devices(devices: Sequence[str] | None, network: nn.Module | None) -> list[str]:
