@@ -8,7 +8,9 @@ Everything the network needs is read from the demo card (Resources/Models/segmam
 architecture and its constructor arguments, the channel order, the preprocessing and the window size,
 which is also the training crop size. Cases are prepared exactly as ``pipeline.segment`` prepares
 them (stack the card's channels, reorder to the card's orientation, crop to the non-zero box, z-score
-each channel over the crop), so the network sees at training time what it sees at inference time.
+each channel over the crop, resample to the card's ``preprocessing.spacing``), so the network sees at
+training time what it sees at inference time. The label maps are resampled the same way (one-hot,
+trilinear, argmax), as the logits are resampled back at inference.
 
 Training draws fresh phantoms from seeds below :data:`HELD_OUT_SEED_START` (seeds from there on are
 held out for ``scripts/eval_demo.py``), takes foreground-biased random crops of the window size, and
@@ -40,7 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from SegMambaSlicerLib.engine.recipes.segmamba import preprocess
+from SegMambaSlicerLib.engine.recipes.segmamba import array_spacing, network_grid, preprocess, resample_linear
 from SegMambaSlicerLib.evaluation.phantom import PhantomCase, make_phantom
 from SegMambaSlicerLib.io.geometry import direction_matrix, reorder_to, stack_channels
 from SegMambaSlicerLib.models.cards import ModelCard, load_card
@@ -70,7 +72,16 @@ def prepare_case(case: PhantomCase, card: ModelCard) -> tuple[np.ndarray, np.nda
     labels = reorder.forward(sitk.GetArrayFromImage(case.seg))[box.slices]
     lookup = np.zeros(256, dtype=np.int64)
     lookup[list(card.label_values)] = np.arange(len(card.label_values))
-    return net_input, lookup[labels]
+    grid = network_grid(net_input.shape[1:], array_spacing(images[0], reorder), card.preprocessing)
+    return resample_linear(net_input, grid), resample_classes(lookup[labels], grid, len(card.label_values))
+
+
+def resample_classes(target: np.ndarray, grid: tuple[int, ...], classes: int) -> np.ndarray:
+    """Class indices on another grid: each class's indicator resampled as the logits are, then the argmax."""
+    if target.shape == grid:
+        return target
+    onehot = np.stack([target == k for k in range(classes)]).astype(np.float32)
+    return resample_linear(onehot, grid).argmax(0).astype(np.int64)
 
 
 def _pad_to(array: np.ndarray, size: int) -> np.ndarray:

@@ -117,6 +117,9 @@ class Preprocessing:
     crop_nonzero: bool = True
     fill_holes: bool = True
     eps: float = 1e-8
+    #: Voxel size (mm; x, y, z of the card's orientation) the network runs at, or None for the input's own.
+    #: With a spacing the cropped, normalised image is resampled to it and the logits back to the crop.
+    spacing: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,12 @@ class _Section:
     def number(self, key: str, default: float) -> float:
         return float(self._checked(key, default, _is_number, "a number"))
 
+    def optional_sizes(self, key: str) -> tuple[float, float, float] | None:
+        """Absent or null, or three positive sizes (a voxel size in mm, x, y, z)."""
+        ok = lambda v: v is None or (_is_list(v) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v))  # noqa: E731
+        value = self._checked(key, None, ok, "null or three positive voxel sizes in mm (x, y, z)")
+        return None if value is None else (float(value[0]), float(value[1]), float(value[2]))
+
     def flag(self, key: str, default: bool) -> bool:
         return self._checked(key, default, lambda v: isinstance(v, bool), "true or false")
 
@@ -358,6 +367,7 @@ def _preprocessing(pre: _Section) -> Preprocessing:
         crop_nonzero=pre.flag("crop_nonzero", True),
         fill_holes=pre.flag("fill_holes", True),
         eps=pre.number("eps", 1e-8),
+        spacing=pre.optional_sizes("spacing"),
     )
 
 
