@@ -83,7 +83,7 @@ def test_the_shipped_cards_load_and_the_demo_weights_match_their_card(home, hash
     cards = builtin_cards()
     assert set(cards) == {BRATS, "segmamba-demo", "segmamba-v2-brats2023"}
     demo = cards["segmamba-demo"]
-    assert demo.weights.sha256 == "f874e28d710f6df1e15a8cb6ec4eec3f83372b08343c9b164bee658bbcc39ae0"
+    assert demo.weights.sha256 == "3fe6780faf52ce92245a827c09b5f5a163da3c7ffc13b6a357fd408f40ef3d76"
     assert verified_weights_path(demo) == models_dir().resolve() / "segmamba-demo.pt"
     assert weights_state(demo) == READY
     assert hashes == [demo.weights_path()]  # hashed once, then remembered

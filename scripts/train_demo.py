@@ -15,7 +15,7 @@ trilinear, argmax), as the logits are resampled back at inference.
 Training draws fresh phantoms from seeds below :data:`HELD_OUT_SEED_START` (seeds from there on are
 held out for ``scripts/eval_demo.py``), takes foreground-biased random crops of the window size, and
 minimises cross-entropy + soft Dice with AdamW (warm-up, then cosine decay). It is seeded end to end;
-the shipped weights took 16 minutes on one thread of a shared 2-core CPU (docs/demo-model.md). At the
+the shipped weights took 58 minutes on one thread of a shared 2-core CPU (docs/demo-model.md). At the
 end the weights are written (bare state dict, atomically) to the file the card names and the card's
 ``weights.sha256`` is updated. The window size must stay what the network was trained on: the
 tri-oriented Mamba cuts each window's tokens into a fixed number of slices (``nslices``), so another
@@ -122,7 +122,7 @@ class CropSampler:
 class TrainConfig:
     """Everything that determines the trained weights (with the card's architecture)."""
 
-    iterations: int = 400
+    iterations: int = 800
     batch: int = 2
     iterations_per_case: int = 10
     lr: float = 2e-3
