@@ -21,6 +21,7 @@ from typing import Annotated
 
 import qt
 import slicer
+import vtk
 from slicer import vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -104,6 +105,7 @@ class SegMambaSlicerParameterNode:
     fusedKernels: bool = True
     cpuThreads: Annotated[int, WithinRange(0, 256)] = 0  # 0: all cores but one (the worker's default)
     workerIdleMinutes: Annotated[int, WithinRange(0, 1440)] = 10  # 0: the worker ends after each run
+    lowMemory: bool = False
     show3D: bool = True
     showConfidence: bool = True
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -128,6 +130,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._install = None
         self._cudaUsable = False
         self._kernelBuild = None
+        self._ready = False
 
     # ------------------------------------------------------------------ setup and scene
 
@@ -152,6 +155,10 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._kernelTimer = qt.QTimer()
         self._kernelTimer.setInterval(1000)
         self._kernelTimer.connect("timeout()", self._onKernelTimer)
+        self._estimateTimer = qt.QTimer()  # one refresh after a burst of changes, once the parameter node has them
+        self._estimateTimer.setSingleShot(True)
+        self._estimateTimer.setInterval(100)
+        self._estimateTimer.connect("timeout()", self._updateEstimate)
 
         self.ui.modelSelector.connect("currentIndexChanged(int)", self._onModelChanged)
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self._onDeviceChanged)
@@ -184,6 +191,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.releaseWorker()
         self._timer.stop()
         self._kernelTimer.stop()
+        self._estimateTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -219,17 +227,25 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._scheduleEstimate)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._scheduleEstimate)
             self._selectData(self.ui.modelSelector, self._parameterNode.modelId)
             self._selectData(self.ui.deviceSelector, self._parameterNode.device)
+
+    def _scheduleEstimate(self, *unused):
+        """An input, the model, the device or a run option changed: refresh the estimate shortly (once for a
+        burst of changes, and after the parameter node has taken them)."""
+        self._estimateTimer.start()
 
     # ------------------------------------------------------------------ dependencies and environment
 
     def _refreshEnvironment(self):
         """Show the install banner, or the models and devices once the packages are there."""
         plan = self._install.plan()
+        self._ready = not plan.needed
         self.ui.dependenciesFrame.setVisible(plan.needed)
         if plan.needed:
             self.ui.dependenciesLabel.text = install.describe_missing(plan)
@@ -284,6 +300,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoLabel.text = panels.model_info_text(card)
         self._buildInputSelectors(card)
         self._autoFillInputs(onlyEmpty=False)
+        self._scheduleEstimate()
 
     def _buildInputSelectors(self, card):
         layout = self.ui.inputVolumesWidget.layout()
@@ -302,6 +319,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.setMRMLScene(slicer.mrmlScene)
             selector.toolTip = _("Volume for the model's {channel} input.").format(channel=channel.display_name)
             layout.addRow(f"{channel.display_name}:", selector)
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self._scheduleEstimate)
             self._inputSelectors.append(selector)
 
     def _autoFillInputs(self, onlyEmpty):
@@ -320,6 +338,7 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onDeviceChanged(self, index=None):
         if self._parameterNode and self.ui.deviceSelector.currentData:
             self._parameterNode.device = self.ui.deviceSelector.currentData
+        self._scheduleEstimate()
 
     def _onLoadCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(
@@ -354,6 +373,11 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         card = self._card()
         nodes = [selector.currentNode() for selector in self._inputSelectors]
+        estimate = self._updateEstimate()
+        if estimate is not None and estimate.shortfall and not slicer.util.confirmOkCancelDisplay(
+                _("{warning}\n\nSegment anyway?").format(warning=estimate.shortfall),
+                windowTitle=_("Not enough memory")):
+            return
         try:
             options = panels.segment_options(self._parameterNode)
             self._run = self.logic.start(nodes, card, options, self._parameterNode.outputSegmentation,
@@ -402,6 +426,22 @@ class SegMambaSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setFormat(status)
         self.ui.statusLabel.text = status
         self._log(status)
+        self._scheduleEstimate()  # a finished run has measured this computer's speed
+
+    def _updateEstimate(self):
+        """Show the estimate of a run with the current inputs, model and options next to the Segment button."""
+        if self._run is not None:  # the progress bar tells the time left; the estimate returns afterwards
+            return None
+        card = self._card()
+        if not self._ready or card is None or self._parameterNode is None:
+            self.ui.estimateLabel.text = ""
+            return None
+        nodes = [selector.currentNode() for selector in self._inputSelectors]
+        parameters = self._parameterNode
+        shown = panels.estimate_panel(lambda: self.logic.estimate(
+            nodes, card, panels.segment_options(parameters), threads=parameters.cpuThreads or None))
+        self.ui.estimateLabel.text = shown.text
+        return shown
 
     # ------------------------------------------------------------------ review
 
@@ -566,6 +606,10 @@ class SegMambaSlicerLogic(ScriptedLoadableModuleLogic):
         """
         return self.impl.start_segmentation(inputNodes, card, options, segmentationNode, threads=threads,
                                             idle_timeout=idleTimeout)
+
+    def estimate(self, inputNodes, card, options=None, threads=None):
+        """Windows, time and peak memory of a background run of these volumes (see docs/user-guide.md)."""
+        return self.impl.estimate(inputNodes, card, options, threads=threads)
 
     def releaseWorker(self):
         """End the warm worker process now, giving back the memory its network holds (no-op before a run)."""

@@ -227,3 +227,41 @@ def test_demo_writes_every_output_and_true_dice(tmp_path, tiny_card, capsys) -> 
     np.testing.assert_array_equal(sitk.GetArrayFromImage(tumour_core) > 0, np.isin(pred, (1, 3)))
     with Image.open(result / "preview.png") as png:
         assert png.format == "PNG"
+
+
+def _predict_argv(card: Path, case: dict[str, Path], out: Path, *options: str) -> list[str]:
+    inputs = [str(case[key]) for key in ("t2w", "t2f", "t1n", "t1c")]
+    return ["predict", "-m", str(card), "-i", *inputs, "-o", str(out), "--device", "cpu", "-q", *options]
+
+
+def test_predict_prints_the_estimate_and_measures_this_computer_once(home, tmp_path, card_path, case,
+                                                                     one_thread, capsys) -> None:
+    """The first run measures (two windows) and says so; the next one reads the rate the first run left."""
+    assert main(_predict_argv(card_path, case, tmp_path / "a.nii.gz")) == 0
+    first = capsys.readouterr().out
+    assert main(_predict_argv(card_path, case, tmp_path / "b.nii.gz")) == 0
+    second = capsys.readouterr().out
+    ran = [int(line.split(", ")[1].split()[0]) for line in first.splitlines() if line.startswith("device cpu")]
+    estimated = [line for line in first.splitlines() if line.startswith("estimate: ")]
+    assert "measuring how fast this computer runs this model" in first and len(estimated) == 1
+    assert estimated[0].startswith(f"estimate: {ran[0]} window") and " s, peak ~" in estimated[0]
+    assert "measuring" not in second and f"estimate: {ran[0]} window" in second
+    assert first.index("estimate: ") < first.index("label map: ")  # before the run, not after
+
+
+def test_predict_stops_before_a_run_the_free_memory_cannot_hold_unless_forced(home, tmp_path, card_path, case,
+                                                                              one_thread, capsys) -> None:
+    from SegMambaSlicerLib.engine import estimate
+    from SegMambaSlicerLib.engine.pipeline import SegmentOptions
+
+    key = estimate.run_key(load_card(card_path), SegmentOptions(device="cpu"), torch.device("cpu"))
+    estimate.remember_rate(key, estimate.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
+                                              weights_bytes=2**20, runtime_bytes=2**28))
+    out = tmp_path / "seg.nii.gz"
+    assert main(_predict_argv(card_path, case, out)) == EXIT_USER_ERROR
+    refused = capsys.readouterr()
+    assert "estimate: " in refused.out and "--low-memory" in refused.err and not out.exists()
+    assert main(_predict_argv(card_path, case, out, "--force")) == 0
+    forced = capsys.readouterr()
+    assert "warning: this run needs about" in forced.err and "Running anyway (--force)" in forced.err
+    assert out.is_file()

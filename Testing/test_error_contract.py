@@ -27,6 +27,8 @@ import SimpleITK as sitk
 import torch
 from local_http import serve_folder
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
+from SegMambaSlicerLib.engine import estimate
+from SegMambaSlicerLib.engine.pipeline import SegmentOptions
 from SegMambaSlicerLib.errors import (
     CancelledError,
     CheckpointError,
@@ -43,6 +45,7 @@ from SegMambaSlicerLib.io.dicom_seg import DicomSegError
 from SegMambaSlicerLib.io.geometry import OrientationCodeError
 from SegMambaSlicerLib.io.report import ReportError
 from SegMambaSlicerLib.io.seg_nrrd import SegmentationDataError, SegmentationFileError
+from SegMambaSlicerLib.models.cards import load_card
 from SegMambaSlicerLib.models.checkpoints import WeightsChangedError
 from SegMambaSlicerLib.models.downloads import ChecksumMismatchError, DownloadCancelled, DownloadError
 from SegMambaSlicerLib.models.nnunet import NnunetModelError
@@ -236,6 +239,15 @@ def _demo_without_matplotlib(s: Setup) -> list[str]:
             "--out", str(s.tmp / "demo")]
 
 
+def _window_bigger_than_the_memory(s: Setup) -> list[str]:
+    """This computer's measured rate for the model says one window needs 1 PiB: no machine has that free."""
+    card = _tiny_card(s)
+    key = estimate.run_key(load_card(card), SegmentOptions(device="cpu"), torch.device("cpu"))
+    estimate.remember_rate(key, estimate.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
+                                              weights_bytes=2**20, runtime_bytes=2**28))
+    return _predict(s, card)
+
+
 @dataclass(frozen=True)
 class Case:
     """One row: the error class, the command line that provokes it, and a regex its message must match."""
@@ -296,6 +308,8 @@ CASES = [
          "plans.json has no 'configurations' section"),
     Case("preview-without-matplotlib", ReportError, _demo_without_matplotlib,
          "The PNG preview needs matplotlib"),
+    Case("not-enough-memory", estimate.NotEnoughMemoryError, _window_bigger_than_the_memory,
+         "this run needs about .* of memory but only .* is free.*--low-memory.*add --force"),
 ]
 
 

@@ -424,9 +424,12 @@ def test_node_groups_are_segmented_case_by_case_with_overall_progress(mrml_scene
 
 
 def test_background_runs_reuse_the_warm_worker_and_match_the_in_process_run(
-    mrml_scene, card_path: Path, case: dict[str, Path], one_thread
+    mrml_scene, card_path: Path, case: dict[str, Path], one_thread, home: Path
 ) -> None:
-    """The GUI's path twice, then the console's ``in_worker=True``: one process, the network loaded once."""
+    """The GUI's path twice, then the console's ``in_worker=True``: one process, the network loaded once.
+
+    The worker also measures its runs, so the estimate shown before the next click has a time.
+    """
     import time
 
     from SegMambaSlicerLib.models.cards import load_card
@@ -438,6 +441,7 @@ def test_background_runs_reuse_the_warm_worker_and_match_the_in_process_run(
              for c in card.channels]
     logic = SegmentationLogic(mrml_scene.scene)
     logs, pids, labelmaps = [], [], []
+    assert logic.estimate(nodes, card, CPU, threads=1).seconds is None  # nothing measured in this fresh cache
     try:
         for _ in range(2):
             run = logic.start_segmentation(nodes, card, CPU, threads=1, idle_timeout=30.0)
@@ -455,6 +459,8 @@ def test_background_runs_reuse_the_warm_worker_and_match_the_in_process_run(
         assert set(np.unique(want)) == {0, 1, 2, 3}  # a real comparison
         for labelmap in (*labelmaps, console.labelmap):
             np.testing.assert_array_equal(sitk.GetArrayFromImage(labelmap), want)
+        after = logic.estimate(nodes, card, CPU, threads=1)
+        assert after.seconds is not None and not after.peak_is_lower_bound and after.windows == in_process.windows
     finally:
         logic.worker.release()
     assert logic.worker.pid is None
@@ -516,3 +522,31 @@ def test_a_dicom_seg_is_exported_for_a_volume_loaded_from_dicom(mrml_scene, tmp_
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == len(card.labels)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == tags["0020|000e"]
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [label.name for label in card.labels]
+
+
+def test_the_estimate_of_volume_nodes_counts_the_windows_the_run_makes(mrml_scene, home: Path) -> None:
+    """Each volume's grid is read once per modification; a changed volume is read again."""
+    slicer = pytest.importorskip("slicer")
+    from SegMambaSlicerLib.slicer.logic import SegmentationLogic
+    from SegMambaSlicerLib.slicer.mrml import volume_node_from_image
+
+    arrays = [np.zeros((30, 40, 44), np.float32) for _ in range(2)]
+    arrays[0][2:20, 5:30, 4:40] = 5.0
+    arrays[1][8:28, 3:25, 10:30] = 2.0
+    arrays[0][10, 10, 10] = arrays[1][10, 10, 10] = 9.0
+    nodes = [volume_node_from_image(sitk.GetImageFromArray(a), mrml_scene.scene, f"c{i}") for i, a in enumerate(arrays)]
+    card = toy_card(channels=2, labels=1, roi=8)
+    net = PointwiseNet(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([0.0, -4.0]))
+    logic = SegmentationLogic(mrml_scene.scene)
+    estimate = logic.estimate(nodes, card, CPU)
+    _, result = logic.segment_nodes(nodes, card, CPU, network=net)
+    assert estimate.windows == result.windows > 1 and estimate.seconds is None
+    assert estimate.network_shape == (26, 27, 36)  # the union of both volumes' content
+    grids = dict(logic._grids)
+    assert logic.estimate(nodes, card, CPU).windows == estimate.windows and logic._grids == grids
+    smaller = np.zeros_like(arrays[1])
+    smaller[10:12, 10:12, 10:12] = 3.0
+    slicer.util.updateVolumeFromArray(nodes[1], smaller)
+    assert logic.estimate(nodes, card, CPU).network_shape == (18, 25, 36)  # only the first volume's box now
+    with pytest.raises(InputImageError, match="Select one volume for each input"):
+        logic.estimate(nodes[:1], card, CPU)

@@ -13,7 +13,9 @@ from SegMambaSlicerLib.models import registry
 from SegMambaSlicerLib.models.cards import builtin_cards
 from SegMambaSlicerLib.slicer.logic import GpuInfo, SystemInfo
 from SegMambaSlicerLib.slicer.panels import (
+    LOW_MEMORY_HINT,
     device_panel,
+    estimate_panel,
     finished_status,
     model_cards,
     model_info_text,
@@ -89,10 +91,10 @@ def test_model_info_says_whether_the_weights_are_there(tmp_path: Path) -> None:
 
 def test_segment_options_follow_the_parameter_node() -> None:
     parameters = SimpleNamespace(device="cuda:1", overlap=0.25, swBatchSize=4, tta=True, mixedPrecision=False,
-                                 fusedKernels=False)
+                                 fusedKernels=False, lowMemory=True)
     assert segment_options(parameters) == SegmentOptions(
         device="cuda:1", overlap=0.25, sw_batch_size=4, tta=True, mixed_precision=False, scan_backend="torch",
-        confidence=True)  # always: the review panel's overlay and low-confidence volumes need it
+        confidence=True, low_memory=True)  # confidence always: the review panel's overlay and table need it
     defaults = SimpleNamespace(**{**vars(parameters), "device": "", "fusedKernels": True})
     assert (segment_options(defaults).device, segment_options(defaults).scan_backend) == ("auto", None)
 
@@ -157,3 +159,47 @@ def test_refilling_the_device_selector_keeps_the_saved_choice() -> None:
     assert saved == {"device": "cuda:0"} and combo.currentData == "cuda:0" and not combo.blocked
     refill_combo(combo, [("auto", "Automatic"), ("cpu", "CPU")], saved["device"])  # the GPU went away
     assert saved == {"device": "cuda:0"} and combo.currentData == "auto"
+
+
+def _estimate(rate, free: int | None):
+    """The estimate of a 2-channel 60 × 70 × 50 case with its content in a box, from ``rate``."""
+    import numpy as np
+    from SegMambaSlicerLib.engine import estimate
+    from SegMambaSlicerLib.engine.inference import WindowSettings
+    from toy_models import toy_card
+
+    array = np.zeros((50, 70, 60), np.float32)
+    array[5:45, 10:60, 8:50] = 1.0
+    case = estimate.case_grid([sitk.GetImageFromArray(array)] * 2)
+    settings = WindowSettings(roi_size=(16, 16, 16), overlap=0.5, sw_batch_size=1)
+    return estimate.estimate(case, toy_card(channels=2, roi=16), settings, "cpu", rate, free_bytes=free)
+
+
+def test_before_the_first_run_the_estimate_gives_windows_and_memory_and_defers_the_time() -> None:
+    shown = estimate_panel(lambda: _estimate(None, free=16 * 2**30))
+    windows = 4 * 6 * 5  # per axis ceil((n - 16) / 8) + 1 over the content box 40 × 50 × 42
+    assert shown.text.startswith(f"Estimate: {windows} windows, time: measured after the first run, peak ≥ ")
+    assert shown.text.endswith("(free 16.0 GiB).") and shown.shortfall is None
+
+
+def test_an_estimate_that_does_not_fit_says_what_to_change_in_the_module() -> None:
+    from SegMambaSlicerLib.engine.estimate import Rate
+
+    rate = Rate(seconds_per_window=0.2, window_bytes=8 * 2**30, window_bytes_exact=True, weights_bytes=2**20,
+                runtime_bytes=2**28)
+    shown = estimate_panel(lambda: _estimate(rate, free=4 * 2**30))
+    assert "~24 s" in shown.text and "\nNot enough memory: This run needs about 8." in shown.text
+    assert shown.shortfall is not None and LOW_MEMORY_HINT in shown.shortfall and "4.0 GiB is free" in shown.shortfall
+
+
+def test_an_estimate_that_cannot_be_made_becomes_the_line_instead_of_an_error() -> None:
+    from SegMambaSlicerLib.errors import InputImageError
+
+    def missing():
+        raise InputImageError("Select one volume for each input of Toy: Channel 0.")
+
+    def broken():
+        raise RuntimeError("boom")
+
+    assert estimate_panel(missing).text == "Estimate: Select one volume for each input of Toy: Channel 0."
+    assert estimate_panel(broken).text == "Estimate unavailable: RuntimeError: boom"

@@ -29,6 +29,7 @@ EXPECTED_CLASSES = {
     "exportDicomSegButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
+    "estimateLabel": "QLabel",
     "showRegionsRadioButton": "QRadioButton",
     "show3DCheckBox": "QCheckBox",
     "showConfidenceCheckBox": "QCheckBox",

@@ -48,6 +48,12 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and its AVX-512 extensions as ``lscpu`` reports them (empty list: no AVX-512)."""
+    flags = (_lscpu_field("Flags") or "").split()
+    return {"model": _lscpu_field("Model name"), "avx512": sorted(f for f in flags if f.startswith("avx512"))}
+
+
 def _lscpu_field(name: str) -> str | None:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout

@@ -62,6 +62,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA instead of fp16 autocast")
     parser.add_argument("--scan-backend", choices=SCAN_BACKENDS, help="selective-scan backend")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="lower peak memory at some speed cost (docs/benchmarks.md, \"Memory\")")
     parser.add_argument("--folds", nargs="+",
                         help="nnU-Net result folders: folds to ensemble (e.g. 0 1 2 or all)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -77,6 +79,7 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
     return SegmentOptions(
         device=args.device, weights=args.weights, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
         tta=args.tta, mixed_precision=not args.no_amp, scan_backend=args.scan_backend, folds=args.folds,
+        low_memory=args.low_memory,
     )
 
 

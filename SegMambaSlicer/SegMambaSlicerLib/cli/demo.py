@@ -13,6 +13,7 @@ from ..evaluation.metrics import dice
 from ..evaluation.phantom import BRATS_SHAPE
 from ..models.cards import DEMO_MODEL_ID
 from .common import DEVICE_HELP, ProgressBar
+from .predict import add_force_option, preflight
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -33,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--model", "-m", default=DEMO_MODEL_ID,
                    help=f"model id or card .json (default {DEMO_MODEL_ID})")
+    p.add_argument("--low-memory", action="store_true",
+                   help="lower peak memory at some speed cost (what the estimate suggests when memory is short)")
+    add_force_option(p)
     p.set_defaults(func=run)
     return p
 
@@ -52,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     case = make_phantom(shape=shape, seed=args.seed)
     case_dir = write_brats_case(case, args.out / "case", case_id)["seg"].parent
     inputs = resolve_inputs([case_dir], card)
-    result = segment(inputs, card, SegmentOptions(device=args.device), progress=ProgressBar())
+    images = [read_image(s, name=c.display_name) for s, c in zip(inputs, card.channels)]
+    options = SegmentOptions(device=args.device, low_memory=args.low_memory)
+    plan = preflight(images, card, options, force=args.force)
+    result = segment(images, card, options, progress=ProgressBar(), network=plan.network)
+    plan.record(result)
     out = args.out / "segmentation"
     written = {
         "label map": write_image_atomic(result.labelmap, out / "seg.nii.gz"),

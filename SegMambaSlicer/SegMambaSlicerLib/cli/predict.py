@@ -10,9 +10,23 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from .common import add_run_options, progress_bar, segment_options
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+    import torch
+    from torch import nn
+
+    from ..engine.estimate import CaseGrid, Estimate, MeasuredNetwork
+    from ..engine.pipeline import SegmentationResult, SegmentOptions
+    from ..models.cards import ModelCard
+
+#: What the estimate's advice calls the settings of the command line.
+LOW_MEMORY_HINT, CPU_HINT, FORCE_HINT = "--low-memory", "--device cpu", "--force"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,8 +49,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="also write a one-page PDF report: model, settings, views through the largest "
                    "lesion, region and lesion measurements, confidence per region (computes the confidence)")
     add_run_options(p)
+    add_force_option(p)
     p.set_defaults(func=run)
     return p
+
+
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """``--force``: run even when the estimate says the free memory is clearly too little."""
+    parser.add_argument(FORCE_HINT, action="store_true",
+                        help="run even when the estimate printed before the run says the free memory is too "
+                        "little (the run may then be stopped by the system)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     inputs = resolve_inputs(args.input, card)
     wants_confidence = args.confidence is not None or args.report is not None  # the report summarises it
     options = dataclasses.replace(segment_options(args), confidence=wants_confidence)
-    result = segment(inputs, card, options, progress=progress_bar(args))
+    images = [read_image(s, name=c.display_name) for s, c in zip(inputs, card.channels)]
+    plan = preflight(images, card, options, force=args.force)
+    result = segment(images, card, options, progress=progress_bar(args), network=plan.network)
+    plan.record(result)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = write_image_atomic(result.labelmap, args.output)
@@ -148,3 +173,73 @@ def seg_nrrd_beside(path: Path) -> Path:
     name = path.name
     suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
     return path.with_name(name[: len(name) - len(suffix)] + ".seg.nrrd")
+
+
+@dataclass
+class Preflight:
+    """What :func:`preflight` prepared for a run: the loaded network, measured while it runs, and what
+    :meth:`record` needs to fold the run's measurements into this computer's rate."""
+
+    key: str
+    network: MeasuredNetwork
+    case: CaseGrid
+    weights_bytes: int
+    runtime_bytes: int | None
+    estimate: Estimate
+    #: Whether this computer's rate was measured just now (no rate was cached for this model and device).
+    calibrated: bool
+
+    def record(self, result: SegmentationResult) -> None:
+        """Keep the run's time per window and memory for the next estimate (docs/user-guide.md)."""
+        from ..engine.estimate import record_run
+
+        record_run(self.key, self.network, result.seconds, self.case.voxels * self.case.channels,
+                   self.weights_bytes, self.runtime_bytes, cold=not self.calibrated)
+
+
+def preflight(images: Sequence[sitk.Image], card: ModelCard, options: SegmentOptions, force: bool = False,
+              out: TextIO | None = None) -> Preflight:
+    """Print the estimate of the run (measuring this computer once when no rate is cached), refuse a run that
+    clearly does not fit in the free memory unless ``force``, and load the network for the run.
+
+    Without a cached rate the network is loaded first and two windows are timed (printed as such); with
+    one, the verdict comes before the model loads. Raises :class:`..engine.estimate.NotEnoughMemoryError`.
+    """
+    from ..engine import estimate as est
+    from ..engine.devices import resolve_device
+
+    out = out or sys.stdout
+    device = resolve_device(options.device)
+    case = est.case_grid(images)
+    network = runtime = None
+    calibrated = est.cached_rate(est.run_key(card, options, device)) is None
+    if calibrated:
+        network, runtime = _load_network(card, options, device, case)
+        print("measuring how fast this computer runs this model (once per model and device: 2 windows) ...",
+              file=out, flush=True)
+        est.remember_rate(est.run_key(card, options, device), est.calibrate_run(network, card, options, device, runtime))
+    estimate, key, _rate = est.estimate_run(case, card, options, device, resident_bytes=est.current_rss() or 0,
+                                            warm=calibrated)  # the calibration's first window was the warm-up
+    print(f"estimate: {est.summary(estimate)}", file=out, flush=True)
+    short = est.memory_shortfall(estimate)
+    if short is not None:
+        message = est.shortfall_message(short, LOW_MEMORY_HINT, CPU_HINT)
+        if not force:
+            raise est.NotEnoughMemoryError(f"{message} To run anyway, add {FORCE_HINT}.")
+        print(f"warning: {message} Running anyway ({FORCE_HINT}).", file=sys.stderr, flush=True)
+    if network is None:
+        network, runtime = _load_network(card, options, device, case)
+    return Preflight(key, est.MeasuredNetwork(network), case, est.weights_bytes(network), runtime, estimate,
+                     calibrated)
+
+
+def _load_network(card: ModelCard, options: SegmentOptions, device: torch.device,
+                  case: CaseGrid) -> tuple[nn.Module, int | None]:
+    """The run's network, and the runtime part of this process's resident size once it is loaded."""
+    from ..engine import estimate as est
+    from ..engine.pipeline import load_network
+
+    network = load_network(card, options.weights, device, options.folds)
+    on_cpu = device.type != "cuda"
+    return network, est.runtime_bytes(est.current_rss(), est.weights_bytes(network) if on_cpu else 0,
+                                      case.stored_bytes)  # the images read, resident now

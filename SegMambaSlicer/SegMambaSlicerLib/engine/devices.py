@@ -74,8 +74,8 @@ def run_with_cpu_fallback(run: Callable[[torch.device], T], device: torch.device
 
 
 # glibc mallopt parameters and their documented defaults (mallopt(3)).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536
 _NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 
@@ -84,6 +84,7 @@ class _AllocatorState:
 
     lock = threading.Lock()
     depth = 0
+    bounded = False  # whether the outermost entry asked for a bounded heap (return_from)
 
 
 @functools.cache
@@ -101,7 +102,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def reuse_freed_cpu_memory() -> Iterator[None]:
+def reuse_freed_cpu_memory(return_from: int | None = None) -> Iterator[None]:
     """Keep freed CPU memory in the process for reuse while inside; give it back to the system on exit.
 
     glibc returns every allocation above 32 MiB to the kernel when it is freed, and each new one is then
@@ -109,7 +110,13 @@ def reuse_freed_cpu_memory() -> Iterator[None]:
     activations, so much of its CPU time went to page faults (docs/benchmarks.md). Inside this
     context malloc serves large blocks from its heap and never trims it, so the same pages are reused;
     on exit the defaults come back and ``malloc_trim`` releases the free pages, so the resident size
-    drops again. Nested and concurrent uses restore only when the last one exits. A no-op off glibc.
+    drops again. Nested and concurrent uses restore only when the last one exits (the outermost
+    entry's setting holds). A no-op off glibc.
+
+    ``return_from`` bounds what the heap keeps (the low-memory setting): blocks of at least that many
+    bytes are mapped on their own and given back when freed, so the heap's pages are only the smaller
+    blocks', at the cost of faulting the large ones in again each time. Without it, the heap keeps every
+    page it ever held, which holes between live blocks make larger than the live peak.
     Side effect: glibc's adaptive mmap threshold stays fixed afterwards (any mallopt call does that).
     """
     libc = _glibc()
@@ -118,8 +125,12 @@ def reuse_freed_cpu_memory() -> Iterator[None]:
         return
     with _AllocatorState.lock:
         if _AllocatorState.depth == 0:
-            libc.mallopt(_M_MMAP_MAX, 0)
+            if return_from is None:
+                libc.mallopt(_M_MMAP_MAX, 0)
+            else:
+                libc.mallopt(_M_MMAP_THRESHOLD, int(return_from))
             libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+            _AllocatorState.bounded = return_from is not None
         _AllocatorState.depth += 1
     try:
         yield
@@ -127,6 +138,9 @@ def reuse_freed_cpu_memory() -> Iterator[None]:
         with _AllocatorState.lock:
             _AllocatorState.depth -= 1
             if _AllocatorState.depth == 0:
-                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                if _AllocatorState.bounded:
+                    libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+                else:
+                    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
                 libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
                 libc.malloc_trim(0)

@@ -28,6 +28,7 @@ from monai.inferers import SlidingWindowInferer
 from scipy.ndimage import gaussian_filter
 
 from ..errors import CancelCallback, CancelledError, ProgressCallback
+from ..networks.ops import memory_mode
 from .devices import reuse_freed_cpu_memory
 
 
@@ -141,8 +142,11 @@ def autocast_context(device: torch.device, mixed_precision: bool) -> contextlib.
     return contextlib.nullcontext()
 
 
+#: With the low-memory setting, CPU blocks of at least this size go back to the system when freed.
+LOW_MEMORY_RETURN_FROM = 64 * 2**20
+
+
 @torch.no_grad()
-@reuse_freed_cpu_memory()
 def predict_logits(
     network: torch.nn.Module,
     image: torch.Tensor,
@@ -151,13 +155,31 @@ def predict_logits(
     mixed_precision: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    low_memory: bool = False,
 ) -> torch.Tensor:
     """Blended logits (1, K, z, y, x) in float32 on the CPU for a (1, C, z, y, x) input.
 
     The stitching buffer stays on the CPU so that large volumes do not exhaust GPU memory;
     windows run on ``device``. Freed CPU memory is reused while this runs (see
     :func:`~SegMambaSlicerLib.engine.devices.reuse_freed_cpu_memory`) and released when it returns.
+    ``low_memory`` runs the networks in their low-memory setting (:func:`~SegMambaSlicerLib.networks.ops.memory_mode`)
+    and keeps only blocks under :data:`LOW_MEMORY_RETURN_FROM` for reuse.
     """
+    return_from = LOW_MEMORY_RETURN_FROM if low_memory else None
+    with reuse_freed_cpu_memory(return_from), memory_mode(low_memory):
+        return _predict(network, image, settings, device, mixed_precision, progress, cancel)
+
+
+def _predict(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    settings: WindowSettings,
+    device: torch.device,
+    mixed_precision: bool,
+    progress: ProgressCallback | None,
+    cancel: CancelCallback | None,
+) -> torch.Tensor:
+    """:func:`predict_logits` inside its allocator and network memory settings."""
     if settings.tiling == "nnunet":
         return _predict_nnunet(network, image, settings, device, mixed_precision, progress, cancel)
     if settings.tiling != "monai":

@@ -47,6 +47,9 @@ class SegmentOptions:
     folds: Sequence[str | int] | None = None
     #: Also return the per-voxel confidence (off by default: it costs a float32 volume and some time).
     confidence: bool = False
+    #: Lower peak memory at some speed cost (the networks' full-resolution convolutions overwrite their
+    #: inputs slab by slab; docs/benchmarks.md, "Memory"). Same results to float tolerance.
+    low_memory: bool = False
 
 
 @dataclass
@@ -183,7 +186,8 @@ def segment(
     image = torch.from_numpy(net_input)[None]
 
     def run(on: torch.device) -> torch.Tensor:
-        return predict_logits(network.to(on), image, settings, on, options.mixed_precision, progress, cancel)
+        return predict_logits(network.to(on), image, settings, on, options.mixed_precision, progress, cancel,
+                              low_memory=options.low_memory)
 
     logits, fallback = run_with_cpu_fallback(run, device)
     if fallback:

@@ -10,6 +10,10 @@ read their tokens without transposing copies (docs/benchmarks.md). Two layers wo
 back to channels-first (``F.instance_norm`` makes its input contiguous; 1x1x1 convolutions take a
 channels-first path on one thread), so :func:`use_layout_preserving_layers` retypes them into subclasses
 whose forward keeps the layout; parameters, buffers and state-dict keys are untouched.
+
+Memory: in inference the MONAI blocks run through :mod:`.lean_blocks` (retyped the same way), which
+frees each full-resolution activation once its last use has passed; :func:`unetr_decode` hands
+encoder1's output to decoder2 in a one-item list for that reason.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
 from ..errors import InputImageError, ModelCardError
+from .lean_blocks import normalise_centred_
 
 #: The official code hard-codes 48 channels for the stem / encoder1 output and the output head.
 HEAD_CHANNELS = 48
@@ -95,16 +100,22 @@ def add_unetr_blocks(
     net.out = UnetOutBlock(spatial_dims, HEAD_CHANNELS, out_chans)
 
 
-def unetr_decode(net: nn.Module, enc1: Tensor, outs: Sequence[Tensor]) -> Tensor:
-    """Skip encoders on the four ``vit`` outputs, then the decoder chain down to full-resolution logits."""
+def unetr_decode(net: nn.Module, enc1: list[Tensor], outs: Sequence[Tensor]) -> Tensor:
+    """Skip encoders on the four ``vit`` outputs, then the decoder chain down to full-resolution logits.
+
+    ``enc1`` is a one-item list holding encoder1's output; decoder2 empties it, so that (in inference)
+    the full-resolution skip is freed as soon as it has been read (:mod:`.lean_blocks`).
+    """
     enc2 = net.encoder2(outs[0])
     enc3 = net.encoder3(outs[1])
     enc4 = net.encoder4(outs[2])
-    dec = net.decoder5(net.encoder5(outs[3]), enc4)
-    dec = net.decoder4(dec, enc3)
-    dec = net.decoder3(dec, enc2)
-    dec = net.decoder2(dec, enc1)
-    return net.out(net.decoder1(dec))
+    dec = net.decoder5(net.encoder5(outs[3]), [enc4])
+    del enc4
+    dec = net.decoder4(dec, [enc3])
+    del enc3
+    dec = net.decoder3(dec, [enc2])
+    del enc2
+    return net.out(net.decoder1(net.decoder2(dec, enc1)))
 
 
 # ------------------------------------------------------------------ memory layout
@@ -152,15 +163,22 @@ class LayoutPreservingInstanceNorm3d(nn.InstanceNorm3d):
             return super().forward(x)
         batch, channels, *spatial = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(batch, -1, channels)  # a view for channels-last x
-        centred = tokens - tokens[:, :1]
-        centred -= centred.mean(1, keepdim=True)
-        scale = centred.square().mean(1, keepdim=True).add(self.eps).rsqrt()
-        if self.weight is not None:
-            scale = scale * self.weight
-        out = centred * scale  # not in place: square() above keeps ``centred`` for the backward pass
-        if self.bias is not None:
-            out = out + self.bias
+        if not torch.is_grad_enabled():
+            out = self._normalise_without_grad(tokens)
+        else:
+            centred = tokens - tokens[:, :1]
+            centred -= centred.mean(1, keepdim=True)
+            scale = centred.square().mean(1, keepdim=True).add(self.eps).rsqrt()
+            if self.weight is not None:
+                scale = scale * self.weight
+            out = centred * scale  # not in place: square() above keeps ``centred`` for the backward pass
+            if self.bias is not None:
+                out = out + self.bias
         return out.view(batch, *spatial, channels).permute(0, 4, 1, 2, 3)
+
+    def _normalise_without_grad(self, tokens: Tensor) -> Tensor:
+        """The same formula with one full-size allocation, the output (see :func:`.lean_blocks.normalise_centred_`)."""
+        return normalise_centred_(tokens - tokens[:, :1], self)
 
 
 class PointwiseConv3d(nn.Conv3d):

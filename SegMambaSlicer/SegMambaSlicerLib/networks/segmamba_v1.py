@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .lean_blocks import use_lean_blocks
 from .ops.mixers import TriOrientedMamba
 from .segmamba_encoder_decoder import (
     InputSizeError,
@@ -136,6 +137,7 @@ class SegMambaV1(nn.Module):
         self.vit = MambaEncoder(in_chans, depths, feat_size, nslices, mamba_residual)
         add_unetr_blocks(self, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims)
         use_layout_preserving_layers(self)
+        use_lean_blocks(self)
 
     def _check_input_size(self, spatial: tuple[int, ...]) -> None:
         """Fail before any work when the size cannot pass the down-sampling or the slice interleave."""
@@ -154,4 +156,8 @@ class SegMambaV1(nn.Module):
         """(B, in_chans, D, H, W) -> logits (B, out_chans, D, H, W); sizes as checked by _check_input_size."""
         self._check_input_size(tuple(x_in.shape[2:]))
         x_in = to_network_layout(x_in)
-        return unetr_decode(self, self.encoder1(x_in), self.vit(x_in)).contiguous()
+        outs = self.vit(x_in)
+        # encoder1 after the Mamba encoder (they are independent), so that its full-resolution output is
+        # not held through the Mamba layers' peak; a list that unetr_decode empties (frees) once read
+        enc1 = [self.encoder1(x_in)]
+        return unetr_decode(self, enc1, outs).contiguous()

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .lean_blocks import use_lean_blocks
 from .ops.mixers import Mamba
 from .segmamba_encoder_decoder import HEAD_CHANNELS as STEM_CHANNELS
 from .segmamba_encoder_decoder import (
@@ -165,8 +166,9 @@ class SegMambaV2(nn.Module):
         self.vit = MambaEncoder(depths, list(feat_size))
         add_unetr_blocks(self, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims)
         use_layout_preserving_layers(self)
+        use_lean_blocks(self)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         check_size_multiple("SegMamba-V2", x_in.shape[2:])
-        enc1 = self.encoder1(to_network_layout(x_in))
-        return unetr_decode(self, enc1, self.vit(enc1)).contiguous()
+        enc1 = [self.encoder1(to_network_layout(x_in))]  # a list that unetr_decode empties (frees) once read
+        return unetr_decode(self, enc1, self.vit(enc1[0])).contiguous()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..errors import SegMambaError
@@ -163,6 +164,7 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter, loaded: _LoadedNetwork) 
         emitter.progress(0.0, "loading PyTorch")
     import torch
 
+    from ..engine import estimate as est
     from ..engine.devices import resolve_device
     from ..engine.pipeline import SegmentOptions, load_network, segment
 
@@ -178,8 +180,13 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter, loaded: _LoadedNetwork) 
 
     network, reused = loaded.get(network_key(job, card, options, str(device)), load)
     emitter.emit(EVENT_NETWORK, reused=reused, loads=loaded.loads, pid=os.getpid())
+    weights = est.weights_bytes(network)
+    # the runtime is measured with the network just loaded and no image read yet (a reused one has leftovers)
+    runtime = None if reused else est.runtime_bytes(est.current_rss(), weights if device.type != "cuda" else 0)
     images = [_load_input(path) for path in job["inputs"]]
-    result = segment(images, card, options, progress=emitter.progress, network=network)
+    measured = est.MeasuredNetwork(network)
+    result = segment(images, card, options, progress=emitter.progress, network=measured)
+    _record_rate(card, options, device, images, measured, result.seconds, weights, runtime, cold=not reused)
     save_image_npz(result.labelmap, job["output"])
     confidence = None
     if result.confidence is not None:  # asked for in the options: handed over beside the label map
@@ -187,6 +194,20 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter, loaded: _LoadedNetwork) 
     emitter.emit("result", output=job["output"], confidence=confidence, device=result.device,
                  seconds=result.seconds, windows=result.windows, volumes=result.volumes,
                  warnings=list(result.warnings))
+
+
+def _record_rate(card: ModelCard, options: SegmentOptions, device: Any, images: Sequence[sitk.Image | str],
+                 measured: Any, seconds: float, weights: int, runtime: int | None, cold: bool) -> None:
+    """Fold the job's measured time per window and memory into this computer's rate (the module's estimate
+    before the next click reads it). Bookkeeping only: a failure is logged, never the job's error."""
+    from ..engine import estimate as est
+
+    try:
+        first = images[0] if isinstance(images[0], sitk.Image) else None
+        voxels = (int(np.prod(first.GetSize())) * len(images)) if first is not None else 0
+        est.record_run(est.run_key(card, options, device), measured, seconds, voxels, weights, runtime, cold)
+    except Exception as exc:  # noqa: BLE001 - the segmentation succeeded; the estimate just stays as it was
+        logging.getLogger(__name__).warning("could not record the run's speed for the next estimate: %s", exc)
 
 
 def _serve(job_path: Path, emitter: _Emitter, loaded: _LoadedNetwork) -> None:

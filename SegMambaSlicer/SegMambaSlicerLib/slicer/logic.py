@@ -24,19 +24,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 from torch import nn
 
+from ..engine import estimate as estimates
 from ..engine.devices import resolve_device
 from ..engine.pipeline import SegmentationResult, SegmentOptions, load_network, segment
 from ..errors import CancelCallback, CheckpointError, InputImageError, ProgressCallback
 from ..io.seg_nrrd import segment_ids
 from ..models.cards import LabelSpec, ModelCard
-from ..run.worker import WarmWorker, WorkerError, WorkerEvent, WorkerProcess
+from ..run.worker import (
+    WarmWorker,
+    WorkerError,
+    WorkerEvent,
+    WorkerProcess,
+    default_worker_threads,
+    usable_cpu_count,
+)
 from . import mrml
 from .review import PriorComparison, compare_with_prior
+
+if TYPE_CHECKING:
+    import slicer
 
 _SCRATCH_NODE_NAME = "SegMamba region (temporary)"
 #: Node reference role from a result segmentation to its confidence volume.
@@ -374,6 +386,56 @@ class SegmentationLogic:
     worker: WarmWorker = field(default_factory=WarmWorker, repr=False)
     _cache_key: tuple | None = field(default=None, repr=False)
     _network: nn.Module | None = field(default=None, repr=False)
+    #: Grid and content box per volume node ID, with the modification times they were computed at.
+    _grids: dict[str, tuple[tuple[int, ...], estimates.CaseGrid]] = field(default_factory=dict, repr=False)
+    #: What the worker's last job ran (:meth:`_network_of`): the next job with the same one starts warm.
+    _worker_network: tuple | None = field(default=None, repr=False)
+
+    def estimate(self, input_nodes: Sequence[object], card: ModelCard, options: SegmentOptions | None = None,
+                 threads: int | None = None) -> estimates.Estimate:
+        """The estimate of a background run of these nodes (windows, time, peak memory, free memory).
+
+        Cheap enough to call whenever an input, the model or an option changes: each volume's grid and
+        content box are computed once per modification of the volume. The time comes from the rate the
+        worker measured in earlier runs on this computer (none before the first run); a warm worker's
+        resident memory counts as available to the run, which reuses or replaces what it holds. On a
+        GPU the device's total memory stands for its free memory, so that Slicer makes no CUDA context.
+        """
+        options = options or SegmentOptions()
+        grids = [self._grid_of(node) for node in self._checked_nodes(input_nodes, card)]  # input errors first
+        device = resolve_device(options.device)
+        pid = self.worker.pid
+        resident = (estimates.process_rss(pid) or 0) if pid is not None else 0
+        gpu_total = None
+        if device.type == "cuda":
+            import torch
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            gpu_total = int(torch.cuda.get_device_properties(index).total_memory)
+        workers = default_worker_threads(usable_cpu_count()) if threads is None else threads
+        warm = pid is not None and self._worker_network == self._network_of(card, options, device)
+        est, _key, _rate = estimates.estimate_run(estimates.combine_grids(grids), card, options, device,
+                                                  threads=workers, resident_bytes=resident, gpu_free_bytes=gpu_total,
+                                                  warm=warm)
+        return est
+
+    @staticmethod
+    def _network_of(card: ModelCard, options: SegmentOptions, device: object) -> tuple:
+        """What decides whether the warm worker reuses its network (as the worker's own network key does)."""
+        weights = Path(options.weights).expanduser() if options.weights else card.weights_path()
+        return (card.id, card.architecture, str(weights), str(device), tuple(map(str, options.folds or ())),
+                options.scan_backend)
+
+    def _grid_of(self, node: slicer.vtkMRMLScalarVolumeNode) -> estimates.CaseGrid:
+        image_data = node.GetImageData()
+        transform = node.GetParentTransformNode()
+        stamp = (node.GetMTime(), image_data.GetMTime() if image_data is not None else 0,
+                 transform.GetMTime() if transform is not None else 0)
+        cached = self._grids.get(node.GetID())
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, estimates.image_grid(mrml.image_from_volume_node(node)))
+            self._grids[node.GetID()] = cached
+        return cached[1]
 
     def network_for(self, card: ModelCard, options: SegmentOptions) -> nn.Module:
         """Load (or reuse) the card's network on the requested device."""
@@ -463,6 +525,7 @@ class SegmentationLogic:
         if idle_timeout is not None:
             self.worker.idle_timeout = idle_timeout
         job = self.worker.start(self._images(input_nodes, card), card, options, threads=threads)
+        self._worker_network = self._network_of(card, options, resolve_device(options.device))
         return SegmentationRun(job, card, list(input_nodes), segmentation_node)
 
     def finish_segmentation(self, run: SegmentationRun) -> tuple[object, SegmentationResult]:
@@ -486,8 +549,12 @@ class SegmentationLogic:
         return node
 
     @staticmethod
-    def _images(input_nodes: Sequence[object], card: ModelCard) -> list[sitk.Image]:
+    def _checked_nodes(input_nodes: Sequence[object], card: ModelCard) -> Sequence[object]:
         if len(input_nodes) != len(card.channels) or any(n is None for n in input_nodes):
             names = ", ".join(c.display_name for c in card.channels)
             raise InputImageError(f"Select one volume for each input of {card.display_name}: {names}.")
-        return [mrml.image_from_volume_node(node) for node in input_nodes]
+        return input_nodes
+
+    @classmethod
+    def _images(cls, input_nodes: Sequence[object], card: ModelCard) -> list[sitk.Image]:
+        return [mrml.image_from_volume_node(node) for node in cls._checked_nodes(input_nodes, card)]

@@ -11,11 +11,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..errors import SegMambaError
 from ..models.cards import ModelCard, builtin_cards
 
 if TYPE_CHECKING:
+    from ..engine.estimate import Estimate
     from ..engine.pipeline import SegmentationResult, SegmentOptions
     from .logic import SystemInfo
+
+#: What the estimate's advice calls the module's settings.
+LOW_MEMORY_HINT = "Low memory (Advanced)"
+CPU_HINT = "the CPU (Device)"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class RunParameters(Protocol):
     tta: bool
     mixedPrecision: bool
     fusedKernels: bool
+    lowMemory: bool
 
 
 def segment_options(parameters: RunParameters) -> SegmentOptions:
@@ -90,7 +97,40 @@ def segment_options(parameters: RunParameters) -> SegmentOptions:
     p = parameters
     return SegmentOptions(
         device=p.device or "auto", overlap=p.overlap, sw_batch_size=p.swBatchSize, tta=p.tta,
-        mixed_precision=p.mixedPrecision, scan_backend=None if p.fusedKernels else "torch", confidence=True)
+        mixed_precision=p.mixedPrecision, scan_backend=None if p.fusedKernels else "torch", confidence=True,
+        low_memory=p.lowMemory)
+
+
+@dataclass(frozen=True)
+class EstimatePanel:
+    """The line next to the Segment button, and the warning to confirm before a run that would not fit."""
+
+    text: str
+    shortfall: str | None = None
+
+
+def estimate_panel(compute: Callable[[], Estimate]) -> EstimatePanel:
+    """The estimate line for the current inputs, model and options (``compute``: the logic's estimate).
+
+    Before the first run with a model and device no rate is measured yet: the line gives the windows and
+    the memory known without it and says that the time follows the first run. An input problem (a missing
+    volume, an empty image) becomes the line; any other failure too, so the panel never stops the module.
+    """
+    from ..engine.estimate import memory_shortfall, shortfall_message, summary
+
+    try:
+        est = compute()
+    except SegMambaError as exc:
+        return EstimatePanel(f"Estimate: {exc}")
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop the module; the run will say more
+        return EstimatePanel(f"Estimate unavailable: {type(exc).__name__}: {exc}")
+    text = f"Estimate: {summary(est, unknown_time='time: measured after the first run')}."
+    short = memory_shortfall(est)
+    if short is None:
+        return EstimatePanel(text)
+    warning = shortfall_message(short, LOW_MEMORY_HINT, CPU_HINT)
+    warning = warning[0].upper() + warning[1:]
+    return EstimatePanel(f"{text}\nNot enough memory: {warning}", warning)
 
 
 def finished_status(result: SegmentationResult) -> str:
