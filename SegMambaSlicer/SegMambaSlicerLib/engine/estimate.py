@@ -53,7 +53,7 @@ from ..io.geometry import AxisReorder, reorder_to
 from ..models.cache import cache_dir
 from ..models.cards import ModelCard
 from .devices import reuse_freed_cpu_memory
-from .inference import WindowSettings, autocast_context, count_windows, mirror_flips
+from .inference import LOW_MEMORY_RETURN_FROM, WindowSettings, autocast_context, count_windows, mirror_flips
 from .recipes import recipe_for
 from .recipes.segmamba import network_grid as segmamba_network_grid
 
@@ -506,7 +506,8 @@ def calibrate(network: nn.Module, channels: int, settings: WindowSettings, devic
     generator = torch.Generator().manual_seed(0)
     windows = torch.randn((batch, channels, *settings.roi_size), generator=generator).to(device)
     measured = MeasuredNetwork(network)
-    with reuse_freed_cpu_memory(), autocast_context(device, mixed_precision), memory_mode(low_memory):
+    return_from = LOW_MEMORY_RETURN_FROM if low_memory else None  # as predict_logits sets it
+    with reuse_freed_cpu_memory(return_from), autocast_context(device, mixed_precision), memory_mode(low_memory):
         for _ in range(CALIBRATION_WINDOWS):
             measured(windows)
     return measured
