@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "label map": write_image_atomic(result.labelmap, out / "seg.nii.gz"),
         "segmentation": write_seg_nrrd(result.labelmap, card.labels, out / "seg.seg.nrrd",
                                        extra_segments=card.regions),
-        "preview": write_preview_png(read_image(inputs[0]), result.labelmap, card, out / "preview.png"),
+        "preview": write_preview_png(images[0], result.labelmap, card, out / "preview.png"),
         "volumes": write_volumes_csv(result.volumes, card, out / "volumes.csv"),
     }
     print(f"case: {case_dir}")

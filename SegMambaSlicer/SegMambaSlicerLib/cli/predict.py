@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         from ..evaluation.case_report import write_case_report
 
-        first = read_image(inputs[0], name=card.channels[0].display_name)
-        print(f"report: {write_case_report(args.report, result, first, options, inputs)}")
+        print(f"report: {write_case_report(args.report, result, images[0], options, inputs)}")
     print(f"device {result.device}, {result.windows} windows, {result.seconds:.1f} s")
     for name, ml in result.volumes.items():
         print(f"  {name}: {ml:.2f} mL")
@@ -212,14 +211,15 @@ def preflight(images: Sequence[sitk.Image], card: ModelCard, options: SegmentOpt
     device = resolve_device(options.device)
     case = est.case_grid(images)
     network = runtime = None
-    calibrated = est.cached_rate(est.run_key(card, options, device)) is None
+    key = est.run_key(card, options, device)
+    calibrated = est.cached_rate(key) is None
     if calibrated:
         network, runtime = _load_network(card, options, device, case)
         print("measuring how fast this computer runs this model (once per model and device: 2 windows) ...",
               file=out, flush=True)
-        est.remember_rate(est.run_key(card, options, device), est.calibrate_run(network, card, options, device, runtime))
-    estimate, key, _rate = est.estimate_run(case, card, options, device, resident_bytes=est.current_rss() or 0,
-                                            warm=calibrated)  # the calibration's first window was the warm-up
+        est.remember_rate(key, est.calibrate_run(network, card, options, device, runtime))
+    estimate, _, _ = est.estimate_run(case, card, options, device, resident_bytes=est.current_rss() or 0,
+                                      warm=calibrated)  # the calibration's first window was the warm-up
     print(f"estimate: {est.summary(estimate)}", file=out, flush=True)
     short = est.memory_shortfall(estimate)
     if short is not None:
