@@ -198,25 +198,21 @@ def _predict(
         sw_device=device,
         device=torch.device("cpu"),
     )
-    summed: torch.Tensor | None = None
-    for dims in flips:
-        flipped = torch.flip(image, dims) if dims else image
-        logits = inferer(flipped, counter)
-        logits = torch.flip(logits, dims) if dims else logits
-        summed = logits if summed is None else summed.add_(logits)
-    assert summed is not None
-    return summed / len(flips)
+    return _mirrored(lambda flipped: inferer(flipped, counter), image, flips)
 
 
 def _mirrored(
-    network: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, flips: Sequence[tuple[int, ...]]
+    network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, flips: Sequence[tuple[int, ...]]
 ) -> torch.Tensor:
-    """Mean of the network's logits over the mirror flips of a batch of windows (nnU-Net's TTA)."""
+    """Mean of the network's logits over the mirror flips of its input (TTA of both tilings).
+
+    Each flip's logits are a fresh tensor, so they are summed in place: one output-sized buffer, not two.
+    """
     total: torch.Tensor | None = None
     for dims in flips:
-        logits = network(torch.flip(windows, dims) if dims else windows)
+        logits = network(torch.flip(inputs, dims) if dims else inputs)
         logits = torch.flip(logits, dims) if dims else logits
-        total = logits if total is None else total + logits
+        total = logits if total is None else total.add_(logits)
     assert total is not None
     return total / len(flips)
 
