@@ -251,12 +251,12 @@ def test_predict_prints_the_estimate_and_measures_this_computer_once(home, tmp_p
 
 def test_predict_stops_before_a_run_the_free_memory_cannot_hold_unless_forced(home, tmp_path, card_path, case,
                                                                               one_thread, capsys) -> None:
-    from SegMambaSlicerLib.engine import estimate
+    from SegMambaSlicerLib.engine import rates
     from SegMambaSlicerLib.engine.pipeline import SegmentOptions
 
-    key = estimate.run_key(load_card(card_path), SegmentOptions(device="cpu"), torch.device("cpu"))
-    estimate.remember_rate(key, estimate.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
-                                              weights_bytes=2**20, runtime_bytes=2**28))
+    key = rates.run_key(load_card(card_path), SegmentOptions(device="cpu"), torch.device("cpu"))
+    rates.remember_rate(key, rates.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
+                                        weights_bytes=2**20, runtime_bytes=2**28))
     out = tmp_path / "seg.nii.gz"
     assert main(_predict_argv(card_path, case, out)) == EXIT_USER_ERROR
     refused = capsys.readouterr()

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 from local_http import serve_folder
 from SegMambaSlicerLib.cli import EXIT_USER_ERROR, main
-from SegMambaSlicerLib.engine import estimate
+from SegMambaSlicerLib.engine import estimate, rates
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions
 from SegMambaSlicerLib.errors import (
     CancelledError,
@@ -242,9 +242,9 @@ def _demo_without_matplotlib(s: Setup) -> list[str]:
 def _window_bigger_than_the_memory(s: Setup) -> list[str]:
     """This computer's measured rate for the model says one window needs 1 PiB: no machine has that free."""
     card = _tiny_card(s)
-    key = estimate.run_key(load_card(card), SegmentOptions(device="cpu"), torch.device("cpu"))
-    estimate.remember_rate(key, estimate.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
-                                              weights_bytes=2**20, runtime_bytes=2**28))
+    key = rates.run_key(load_card(card), SegmentOptions(device="cpu"), torch.device("cpu"))
+    rates.remember_rate(key, rates.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
+                                        weights_bytes=2**20, runtime_bytes=2**28))
     return _predict(s, card)
 
 

@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from SegMambaSlicerLib.engine import estimate as est
+from SegMambaSlicerLib.engine import memory, rates
 from SegMambaSlicerLib.engine.inference import WindowSettings, predict_logits
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, load_network, segment
 from SegMambaSlicerLib.engine.recipes import recipe_for
@@ -66,7 +67,7 @@ def test_network_passes_are_the_passes_the_sliding_window_makes(tiling: str, mir
     shape = (20, 45, 33)
     settings = WindowSettings(roi_size=(16, 16, 16), overlap=0.5, sw_batch_size=2, mirror_axes=mirror_axes,
                               tiling=tiling)
-    measured = est.MeasuredNetwork(PointwiseNet(np.ones((2, 1)), np.zeros(2)))
+    measured = rates.MeasuredNetwork(PointwiseNet(np.ones((2, 1)), np.zeros(2)))
     predict_logits(measured, torch.ones((1, 1, *shape)), settings, CPU)
     assert measured.windows == est.network_passes(shape, settings)
     assert est.network_passes(shape, settings) > (len(mirror_axes) + 1) * 8  # several windows, really tiled
@@ -131,7 +132,7 @@ def _case() -> est.CaseGrid:
     return est.case_grid([_image(_blob((40, 48, 44), (4, 6, 2), (36, 40, 42)))] * 2)
 
 
-RATE = est.Rate(seconds_per_window=0.5, window_bytes=300 * 2**20, window_bytes_exact=True, weights_bytes=50 * 2**20,
+RATE = rates.Rate(seconds_per_window=0.5, window_bytes=300 * 2**20, window_bytes_exact=True, weights_bytes=50 * 2**20,
                 runtime_bytes=400 * 2**20, warmup_seconds=2.0, overhead_seconds_per_megavoxel=0.25)
 
 
@@ -222,9 +223,9 @@ def test_the_summary_line_reads_as_the_cli_prints_it() -> None:
 
 def test_available_memory_is_read_from_meminfo() -> None:
     text = "MemTotal:       24576000 kB\nMemFree:          100000 kB\nMemAvailable:   19000000 kB\n"
-    assert est.mem_available_from_meminfo(text) == 19000000 * 1024
-    assert est.mem_available_from_meminfo("MemTotal: 1 kB\n") is None
-    free = est.available_memory()
+    assert memory.mem_available_from_meminfo(text) == 19000000 * 1024
+    assert memory.mem_available_from_meminfo("MemTotal: 1 kB\n") is None
+    free = memory.available_memory()
     assert free is None or free > 0
 
 
@@ -232,30 +233,30 @@ def test_available_memory_is_read_from_meminfo() -> None:
 
 
 def test_the_rate_survives_a_round_trip_through_its_file(home: Path) -> None:
-    key = est.rate_key(_card(), WindowSettings((16, 16, 16), 0.5, 1), CPU, threads=3)
-    assert est.cached_rate(key) is None
-    est.remember_rate(key, RATE)
-    assert json.loads((home / est.ESTIMATES_FILE).read_text(encoding="utf-8"))["version"] == est.ESTIMATES_VERSION
-    back = est.cached_rate(key)
+    key = rates.rate_key(_card(), WindowSettings((16, 16, 16), 0.5, 1), CPU, threads=3)
+    assert rates.cached_rate(key) is None
+    rates.remember_rate(key, RATE)
+    assert json.loads((home / rates.ESTIMATES_FILE).read_text(encoding="utf-8"))["version"] == rates.ESTIMATES_VERSION
+    back = rates.cached_rate(key)
     assert back is not None and dataclasses.replace(back, updated="") == RATE and back.updated
-    other = est.rate_key(_card(), WindowSettings((16, 16, 16), 0.5, 1), CPU, threads=3, low_memory=True)
-    assert other != key and est.cached_rate(other) is None  # the low-memory setting has its own rate
-    (home / est.ESTIMATES_FILE).write_text("{not json", encoding="utf-8")
-    assert est.cached_rate(key) is None  # a damaged record counts as none: the next run measures again
+    other = rates.rate_key(_card(), WindowSettings((16, 16, 16), 0.5, 1), CPU, threads=3, low_memory=True)
+    assert other != key and rates.cached_rate(other) is None  # the low-memory setting has its own rate
+    (home / rates.ESTIMATES_FILE).write_text("{not json", encoding="utf-8")
+    assert rates.cached_rate(key) is None  # a damaged record counts as none: the next run measures again
 
 
 def test_a_cache_that_cannot_be_written_is_only_a_missed_shortcut(tmp_path: Path, monkeypatch) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x", encoding="utf-8")
     monkeypatch.setenv("SEGMAMBA_SLICER_HOME", str(blocker))
-    key = est.rate_key(_card(), WindowSettings((16, 16, 16), 0.5, 1), CPU)
-    est.remember_rate(key, RATE)
-    assert est.cached_rate(key) is None
+    key = rates.rate_key(_card(), WindowSettings((16, 16, 16), 0.5, 1), CPU)
+    rates.remember_rate(key, RATE)
+    assert rates.cached_rate(key) is None
 
 
-def _measured(ends: list[float], window_bytes: int) -> est.MeasuredNetwork:
+def _measured(ends: list[float], window_bytes: int) -> rates.MeasuredNetwork:
     """A record of passes that ended at ``ends`` seconds (the first started at 0), one window each."""
-    measured = est.MeasuredNetwork(torch.nn.Identity())
+    measured = rates.MeasuredNetwork(torch.nn.Identity())
     starts = [0.0, *ends[:-1]]
     measured.calls = [(a, b, 1) for a, b in zip(starts, ends)]
     measured.window_bytes, measured.window_bytes_exact = window_bytes, True
@@ -264,14 +265,14 @@ def _measured(ends: list[float], window_bytes: int) -> est.MeasuredNetwork:
 
 def test_a_run_replaces_a_calibrated_rate_then_averages_with_earlier_runs() -> None:
     calibrated = dataclasses.replace(RATE, source="calibration", windows_timed=1)
-    first = est.rate_after_run(calibrated, _measured([4.0, 6.0, 8.0], 50 * 2**20), run_seconds=10.0,
+    first = rates.rate_after_run(calibrated, _measured([4.0, 6.0, 8.0], 50 * 2**20), run_seconds=10.0,
                                input_voxels=2_000_000, weights=RATE.weights_bytes, runtime=None)
     assert first is not None and first.source == "run"
     assert (first.seconds_per_window, first.windows_timed, first.warmup_seconds) == (2.0, 2, 2.0)
     assert first.overhead_seconds_per_megavoxel == pytest.approx((10.0 - 8.0) / 2.0)
     assert first.window_bytes == RATE.window_bytes  # a run's first window reuses kept memory: never lowers it
     assert first.runtime_bytes == RATE.runtime_bytes  # not measured in this run: kept
-    second = est.rate_after_run(first, _measured([1.0, 2.0, 3.0], 900 * 2**20), run_seconds=3.0,
+    second = rates.rate_after_run(first, _measured([1.0, 2.0, 3.0], 900 * 2**20), run_seconds=3.0,
                                 input_voxels=2_000_000, weights=RATE.weights_bytes, runtime=2**29, cold=False)
     assert second is not None and second.seconds_per_window == pytest.approx(1.5) and second.windows_timed == 4
     assert second.warmup_seconds == 2.0  # a warm process measures no warm-up
@@ -296,7 +297,7 @@ class _Allocator(torch.nn.Module):
 
 
 def test_the_rate_is_the_time_of_the_passes_after_the_first() -> None:
-    measured = est.MeasuredNetwork(_Sleeper())
+    measured = rates.MeasuredNetwork(_Sleeper())
     for _ in range(4):
         measured(torch.zeros((1, 1, 2, 2, 2)))
     assert 0.05 <= measured.seconds_per_window < 0.2 and measured.windows == 4
@@ -305,10 +306,10 @@ def test_the_rate_is_the_time_of_the_passes_after_the_first() -> None:
 
 def test_a_window_that_touches_memory_is_measured_with_that_memory() -> None:
     settings = WindowSettings((8, 8, 8), 0.5, 1)
-    measured = est.calibrate(_Allocator(), 1, settings, CPU)
+    measured = rates.calibrate(_Allocator(), 1, settings, CPU)
     assert measured.window_bytes is not None
     assert 150 * 2**20 <= measured.window_bytes <= 200 * 2**20
-    assert measured.windows == est.CALIBRATION_WINDOWS
+    assert measured.windows == rates.CALIBRATION_WINDOWS
 
 
 def test_calibration_then_a_real_run_of_the_tiny_segmamba_measure_and_the_estimate_counts_its_windows(
@@ -318,19 +319,19 @@ def test_calibration_then_a_real_run_of_the_tiny_segmamba_measure_and_the_estima
     images = [sitk.ReadImage(str(case[c.key]), sitk.sitkFloat32) for c in card.channels]
     grid = est.case_grid(images)
     network = load_network(card, None, CPU)
-    key = est.run_key(card, options, CPU)
-    calibrated = est.calibrate_run(network, card, options, CPU, runtime=None)
+    key = rates.run_key(card, options, CPU)
+    calibrated = rates.calibrate_run(network, card, options, CPU, runtime=None)
     assert calibrated.seconds_per_window > 0 and calibrated.window_bytes is not None and calibrated.window_bytes > 0
     assert calibrated.weights_bytes == sum(t.numel() * t.element_size()
                                            for t in (*network.parameters(), *network.buffers())) > 0
-    est.remember_rate(key, calibrated)
+    rates.remember_rate(key, calibrated)
     before, _, _ = est.estimate_run(grid, card, options, CPU)
-    measured = est.MeasuredNetwork(network)
+    measured = rates.MeasuredNetwork(network)
     result = segment(images, card, options, network=measured)
     assert before.windows == measured.windows == result.windows and before.seconds is not None
-    rate = est.record_run(key, measured, result.seconds, grid.voxels * grid.channels, est.weights_bytes(network),
-                          runtime=est.current_rss())
-    assert rate is not None and est.cached_rate(key) == dataclasses.replace(rate, updated=est.cached_rate(key).updated)
+    rate = rates.record_run(key, measured, result.seconds, grid.voxels * grid.channels, rates.weights_bytes(network),
+                          runtime=memory.current_rss())
+    assert rate is not None and rates.cached_rate(key) == dataclasses.replace(rate, updated=rates.cached_rate(key).updated)
     assert rate.source == "run" and rate.overhead_seconds_per_megavoxel is not None
     after, _, _ = est.estimate_run(grid, card, options, CPU)
     assert after.seconds is not None and not after.peak_is_lower_bound

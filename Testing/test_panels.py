@@ -183,7 +183,7 @@ def test_before_the_first_run_the_estimate_gives_windows_and_memory_and_defers_t
 
 
 def test_an_estimate_that_does_not_fit_says_what_to_change_in_the_module() -> None:
-    from SegMambaSlicerLib.engine.estimate import Rate
+    from SegMambaSlicerLib.engine.rates import Rate
 
     rate = Rate(seconds_per_window=0.2, window_bytes=8 * 2**30, window_bytes_exact=True, weights_bytes=2**20,
                 runtime_bytes=2**28)

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..engine.estimate import CaseGrid, Estimate, MeasuredNetwork
+    from ..engine.estimate import CaseGrid, Estimate
     from ..engine.pipeline import SegmentationResult, SegmentOptions
+    from ..engine.rates import MeasuredNetwork
     from ..models.cards import ModelCard
 
 #: What the estimate's advice calls the settings of the command line.
@@ -190,7 +191,7 @@ class Preflight:
 
     def record(self, result: SegmentationResult) -> None:
         """Keep the run's time per window and memory for the next estimate (docs/user-guide.md)."""
-        from ..engine.estimate import record_run
+        from ..engine.rates import record_run
 
         record_run(self.key, self.network, result.seconds, self.case.voxels * self.case.channels,
                    self.weights_bytes, self.runtime_bytes, cold=not self.calibrated)
@@ -205,20 +206,22 @@ def preflight(images: Sequence[sitk.Image], card: ModelCard, options: SegmentOpt
     one, the verdict comes before the model loads. Raises :class:`..engine.estimate.NotEnoughMemoryError`.
     """
     from ..engine import estimate as est
+    from ..engine import rates
     from ..engine.devices import resolve_device
+    from ..engine.memory import current_rss
 
     out = out or sys.stdout
     device = resolve_device(options.device)
     case = est.case_grid(images)
     network = runtime = None
-    key = est.run_key(card, options, device)
-    calibrated = est.cached_rate(key) is None
+    key = rates.run_key(card, options, device)
+    calibrated = rates.cached_rate(key) is None
     if calibrated:
         network, runtime = _load_network(card, options, device, case)
         print("measuring how fast this computer runs this model (once per model and device: 2 windows) ...",
               file=out, flush=True)
-        est.remember_rate(key, est.calibrate_run(network, card, options, device, runtime))
-    estimate, _, _ = est.estimate_run(case, card, options, device, resident_bytes=est.current_rss() or 0,
+        rates.remember_rate(key, rates.calibrate_run(network, card, options, device, runtime))
+    estimate, _, _ = est.estimate_run(case, card, options, device, resident_bytes=current_rss() or 0,
                                       warm=calibrated)  # the calibration's first window was the warm-up
     print(f"estimate: {est.summary(estimate)}", file=out, flush=True)
     short = est.memory_shortfall(estimate)
@@ -229,17 +232,18 @@ def preflight(images: Sequence[sitk.Image], card: ModelCard, options: SegmentOpt
         print(f"warning: {message} Running anyway ({FORCE_HINT}).", file=sys.stderr, flush=True)
     if network is None:
         network, runtime = _load_network(card, options, device, case)
-    return Preflight(key, est.MeasuredNetwork(network), case, est.weights_bytes(network), runtime, estimate,
+    return Preflight(key, rates.MeasuredNetwork(network), case, rates.weights_bytes(network), runtime, estimate,
                      calibrated)
 
 
 def _load_network(card: ModelCard, options: SegmentOptions, device: torch.device,
                   case: CaseGrid) -> tuple[nn.Module, int | None]:
     """The run's network, and the runtime part of this process's resident size once it is loaded."""
-    from ..engine import estimate as est
+    from ..engine import rates
+    from ..engine.memory import current_rss
     from ..engine.pipeline import load_network
 
     network = load_network(card, options.weights, device, options.folds)
     on_cpu = device.type != "cuda"
-    return network, est.runtime_bytes(est.current_rss(), est.weights_bytes(network) if on_cpu else 0,
-                                      case.stored_bytes)  # the images read, resident now
+    return network, rates.runtime_bytes(current_rss(), rates.weights_bytes(network) if on_cpu else 0,
+                                        case.stored_bytes)  # the images read, resident now

@@ -164,8 +164,9 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter, loaded: _LoadedNetwork) 
         emitter.progress(0.0, "loading PyTorch")
     import torch
 
-    from ..engine import estimate as est
+    from ..engine import rates
     from ..engine.devices import resolve_device
+    from ..engine.memory import current_rss
     from ..engine.pipeline import SegmentOptions, load_network, segment
 
     if job.get("threads"):
@@ -180,11 +181,11 @@ def _run_job(job: Mapping[str, Any], emitter: _Emitter, loaded: _LoadedNetwork) 
 
     network, reused = loaded.get(network_key(job, card, options, str(device)), load)
     emitter.emit(EVENT_NETWORK, reused=reused, loads=loaded.loads, pid=os.getpid())
-    weights = est.weights_bytes(network)
+    weights = rates.weights_bytes(network)
     # the runtime is measured with the network just loaded and no image read yet (a reused one has leftovers)
-    runtime = None if reused else est.runtime_bytes(est.current_rss(), weights if device.type != "cuda" else 0)
+    runtime = None if reused else rates.runtime_bytes(current_rss(), weights if device.type != "cuda" else 0)
     images = [_load_input(path) for path in job["inputs"]]
-    measured = est.MeasuredNetwork(network)
+    measured = rates.MeasuredNetwork(network)
     result = segment(images, card, options, progress=emitter.progress, network=measured)
     _record_rate(card, options, device, images, measured, result.seconds, weights, runtime, cold=not reused)
     save_image_npz(result.labelmap, job["output"])
@@ -200,12 +201,12 @@ def _record_rate(card: ModelCard, options: SegmentOptions, device: Any, images: 
                  measured: Any, seconds: float, weights: int, runtime: int | None, cold: bool) -> None:
     """Fold the job's measured time per window and memory into this computer's rate (the module's estimate
     before the next click reads it). Bookkeeping only: a failure is logged, never the job's error."""
-    from ..engine import estimate as est
+    from ..engine.rates import record_run, run_key
 
     try:
         first = images[0] if isinstance(images[0], sitk.Image) else None
         voxels = (int(np.prod(first.GetSize())) * len(images)) if first is not None else 0
-        est.record_run(est.run_key(card, options, device), measured, seconds, voxels, weights, runtime, cold)
+        record_run(run_key(card, options, device), measured, seconds, voxels, weights, runtime, cold)
     except Exception as exc:  # noqa: BLE001 - the segmentation succeeded; the estimate just stays as it was
         logging.getLogger(__name__).warning("could not record the run's speed for the next estimate: %s", exc)
 

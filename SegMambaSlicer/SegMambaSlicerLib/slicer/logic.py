@@ -32,6 +32,7 @@ from torch import nn
 
 from ..engine import estimate as estimates
 from ..engine.devices import resolve_device
+from ..engine.memory import process_rss
 from ..engine.pipeline import SegmentationResult, SegmentOptions, load_network, segment
 from ..errors import CancelCallback, CheckpointError, InputImageError, ProgressCallback
 from ..io.seg_nrrd import segment_ids
@@ -405,7 +406,7 @@ class SegmentationLogic:
         grids = [self._grid_of(node) for node in self._checked_nodes(input_nodes, card)]  # input errors first
         device = resolve_device(options.device)
         pid = self.worker.pid
-        resident = (estimates.process_rss(pid) or 0) if pid is not None else 0
+        resident = (process_rss(pid) or 0) if pid is not None else 0
         gpu_total = None
         if device.type == "cuda":
             import torch
