@@ -15,8 +15,8 @@ from ..evaluation.metrics import (
     format_summary,
     groups_for_card,
     summary_rows,
-    write_csv,
 )
+from ..io.atomic import write_csv_atomic
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
         groups = groups_for_card(resolve_model(args.model))
     evaluation = evaluate_folders(args.pred_dir, args.ref_dir, groups, args.one_empty_hd95)
-    csv_path = args.csv or Path(args.pred_dir) / "metrics.csv"
-    write_csv(CASE_COLUMNS, case_rows(evaluation), csv_path)
-    summary_path = write_csv(SUMMARY_COLUMNS, summary_rows(evaluation), csv_path.with_name(
-        csv_path.name.removesuffix(".csv") + "_summary.csv"))
+    csv_path = Path(args.csv or Path(args.pred_dir) / "metrics.csv").expanduser()
+    write_csv_atomic(csv_path, CASE_COLUMNS, case_rows(evaluation))
+    summary_path = write_csv_atomic(csv_path.with_name(csv_path.name.removesuffix(".csv") + "_summary.csv"),
+                                    SUMMARY_COLUMNS, summary_rows(evaluation))
     print(format_summary(evaluation))
     print(f"per-case scores: {csv_path}\nsummary: {summary_path}")
     for name in evaluation.unmatched_predictions:

@@ -17,8 +17,6 @@ punishes the right answer; docs/models.md, "Evaluation conventions"):
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import re
@@ -31,7 +29,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ProgressCallback, SegMambaError
-from ..io.atomic import write_text_atomic
 from ..models.cards import ModelCard
 
 PathLike = str | os.PathLike[str]
@@ -383,16 +380,6 @@ def summary_rows(evaluation: Evaluation) -> list[list[str]]:
          _number(r.hd95_mean, 2), _number(r.hd95_median, 2), str(r.both_empty), str(r.one_empty)]
         for r in evaluation.summary()
     ]
-
-
-def write_csv(columns: Sequence[str], rows: Sequence[Sequence[str]], path: PathLike) -> Path:
-    """Write a CSV atomically (temporary file in the same folder, then rename)."""
-    path = Path(path).expanduser()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return write_text_atomic(path, buffer.getvalue(), what="table")
 
 
 def format_summary(evaluation: Evaluation) -> str:

@@ -11,10 +11,12 @@ any, is left as it was. Temporary files of runs that were killed outright are re
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import SegMambaError
@@ -134,6 +136,16 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, what: str = "output") -> 
 def write_text_atomic(path: PathLike, text: str, *, what: str = "output") -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`write_bytes_atomic`)."""
     return write_bytes_atomic(path, text.encode("utf-8"), what=what)
+
+
+def write_csv_atomic(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]], *,
+                     what: str = "table") -> Path:
+    """Write a CSV (header ``columns``, then ``rows``; ``\\n`` line ends on every platform) atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue(), what=what)
 
 
 def same_file(a: Path, b: Path) -> bool:

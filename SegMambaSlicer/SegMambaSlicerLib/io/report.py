@@ -8,7 +8,6 @@ sees half a file.
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import io
 import os
@@ -21,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import SegMambaError
-from .atomic import write_bytes_atomic, write_text_atomic
+from .atomic import write_bytes_atomic, write_csv_atomic
 from .geometry import direction_matrix, reorder_to
 
 if TYPE_CHECKING:  # files know cards by their fields only: io sits below the models layer
@@ -55,11 +54,8 @@ def write_volumes_csv(volumes: Mapping[str, float], card: ModelCard, path: str |
     missing = [name for name, _, _ in rows if name not in volumes]
     if missing:
         raise ReportError(f"No volume was measured for {', '.join(missing)} of model {card.id}.")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows((name, description, values, f"{volumes[name]:.6f}") for name, description, values in rows)
-    return write_text_atomic(path, buffer.getvalue(), what="volumes table")
+    return write_csv_atomic(path, CSV_COLUMNS, ((name, description, values, f"{volumes[name]:.6f}")
+                                                for name, description, values in rows), what="volumes table")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ set. A case that fails is logged and recorded in the summary CSV, and the batch 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import multiprocessing
 import os
@@ -37,7 +35,7 @@ from ..io.atomic import (
     check_writable,
     refuse_overwriting_inputs,
     remove_stale_temporaries,
-    write_text_atomic,
+    write_csv_atomic,
 )
 from ..io.geometry import same_grid
 from ..io.images import read_image, read_image_file, write_image_atomic
@@ -159,14 +157,10 @@ def summary_columns(card: ModelCard) -> list[str]:
 def write_summary(results: Sequence[CaseResult], card: ModelCard, path: Path) -> Path:
     """Write the summary CSV atomically (a killed batch leaves the previous complete summary)."""
     names = [label.name for label in card.labels] + [region.name for region in card.regions]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(summary_columns(card))
-    for r in results:
-        volumes = [f"{r.volumes[n]:.6f}" if n in r.volumes else "" for n in names]
-        writer.writerow([r.case_id, r.status, f"{r.seconds:.2f}", r.device, r.windows or "", *volumes,
-                         "" if r.output is None else str(r.output), r.error, " ".join(r.warnings)])
-    return write_text_atomic(path, buffer.getvalue(), what="batch summary")
+    rows = ([r.case_id, r.status, f"{r.seconds:.2f}", r.device, r.windows or "",
+             *(f"{r.volumes[n]:.6f}" if n in r.volumes else "" for n in names),
+             "" if r.output is None else str(r.output), r.error, " ".join(r.warnings)] for r in results)
+    return write_csv_atomic(path, summary_columns(card), rows, what="batch summary")
 
 
 # ---------------------------------------------------------------- one case
