@@ -26,3 +26,7 @@ class FakeLibc:
 KEEP = [("mallopt", -4, 0), ("mallopt", -1, -1)]
 #: ... and back to glibc's documented defaults, then the free pages are returned.
 RESTORE = [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
+#: Low memory: M_MMAP_THRESHOLD = -3 set to the bound (blocks from 64 MiB are mapped on their own), never trim ...
+KEEP_BOUNDED = [("mallopt", -3, 64 * 2**20), ("mallopt", -1, -1)]
+#: ... and glibc's defaults back.
+RESTORE_BOUNDED = [("mallopt", -3, 128 * 1024), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]

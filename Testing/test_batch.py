@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from allocator_fakes import KEEP, RESTORE
+from allocator_fakes import KEEP, KEEP_BOUNDED, RESTORE, RESTORE_BOUNDED
 from interrupted_runs import signal_while_writing
 from SegMambaSlicerLib.cli import build_parser
 from SegMambaSlicerLib.engine.pipeline import SegmentOptions, segment
@@ -246,13 +246,17 @@ def test_a_killed_batch_leaves_no_partial_output_and_the_rerun_cleans_up(cohort,
     assert _visible_files(out) == [f"{GOOD[0]}.nii.gz", "summary.csv"]
 
 
-def test_freed_memory_is_kept_for_the_whole_cohort_and_released_once(cohort, card_path, tmp_path,
-                                                                     fake_libc) -> None:
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_freed_memory_is_kept_for_the_whole_cohort_and_released_once(cohort, card_path, tmp_path, fake_libc,
+                                                                     low_memory: bool) -> None:
     """Each case's windows ask for memory reuse; giving memory back between cases made every next case
-    fault ~5 GB in again (docs/benchmarks.md), so it is given back only when the batch ends."""
-    result = segment_folder(cohort, tmp_path, card_path, CPU, network=_pointwise())
+    fault ~5 GB in again (docs/benchmarks.md), so it is given back only when the batch ends. With low
+    memory the cohort-long setting is the bounded one: the outer setting holds inside, so an unbounded
+    one would lift the bound each case's windows ask for."""
+    options = SegmentOptions(device="cpu", low_memory=low_memory)
+    result = segment_folder(cohort, tmp_path, card_path, options, network=_pointwise())
     assert [r.case_id for r in result.cases if r.status == DONE] == list(GOOD)
-    assert fake_libc.calls == KEEP + RESTORE
+    assert fake_libc.calls == (KEEP_BOUNDED + RESTORE_BOUNDED if low_memory else KEEP + RESTORE)
 
 
 def test_cancel_stops_between_cases_and_keeps_the_summary(cohort, card_path, tmp_path) -> None:

@@ -146,6 +146,16 @@ def autocast_context(device: torch.device, mixed_precision: bool) -> contextlib.
 LOW_MEMORY_RETURN_FROM = 64 * 2**20
 
 
+def kept_cpu_memory(low_memory: bool = False) -> contextlib.AbstractContextManager[None]:
+    """:func:`.devices.reuse_freed_cpu_memory` as a run with (or without) the low-memory setting needs it.
+
+    Whoever holds it across several cases (a batch, a Ray actor) must ask with the run's setting: the
+    outermost entry's setting holds inside, so an unbounded heap held around a low-memory run would undo
+    its bound (:data:`LOW_MEMORY_RETURN_FROM`).
+    """
+    return reuse_freed_cpu_memory(LOW_MEMORY_RETURN_FROM if low_memory else None)
+
+
 @torch.no_grad()
 def predict_logits(
     network: torch.nn.Module,
@@ -165,8 +175,7 @@ def predict_logits(
     ``low_memory`` runs the networks in their low-memory setting (:func:`~SegMambaSlicerLib.networks.ops.memory_mode`)
     and keeps only blocks under :data:`LOW_MEMORY_RETURN_FROM` for reuse.
     """
-    return_from = LOW_MEMORY_RETURN_FROM if low_memory else None
-    with reuse_freed_cpu_memory(return_from), memory_mode(low_memory):
+    with kept_cpu_memory(low_memory), memory_mode(low_memory):
         return _predict(network, image, settings, device, mixed_precision, progress, cancel)
 
 

@@ -28,8 +28,7 @@ from torch import nn
 from ..io.atomic import OutputError, write_text_atomic
 from ..models.cache import cache_dir
 from ..models.cards import ModelCard
-from .devices import reuse_freed_cpu_memory
-from .inference import LOW_MEMORY_RETURN_FROM, WindowSettings, autocast_context
+from .inference import WindowSettings, autocast_context, kept_cpu_memory
 from .memory import current_rss, peak_rss
 
 if TYPE_CHECKING:
@@ -154,8 +153,7 @@ def calibrate(network: nn.Module, channels: int, settings: WindowSettings, devic
     generator = torch.Generator().manual_seed(0)
     windows = torch.randn((batch, channels, *settings.roi_size), generator=generator).to(device)
     measured = MeasuredNetwork(network)
-    return_from = LOW_MEMORY_RETURN_FROM if low_memory else None  # as predict_logits sets it
-    with reuse_freed_cpu_memory(return_from), autocast_context(device, mixed_precision), memory_mode(low_memory):
+    with kept_cpu_memory(low_memory), autocast_context(device, mixed_precision), memory_mode(low_memory):
         for _ in range(CALIBRATION_WINDOWS):
             measured(windows)
     return measured

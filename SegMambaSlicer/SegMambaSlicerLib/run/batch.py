@@ -473,10 +473,11 @@ def _run_here(runner: _Runner, todo: Sequence[Case], network: nn.Module | None, 
     it back after every case makes each next case fault the same gigabytes in again (measured in
     docs/benchmarks.md, "Speed-ups, before and after"). It is released when the loop ends.
     """
-    from ..engine.devices import resolve_device, reuse_freed_cpu_memory
+    from ..engine.devices import resolve_device
+    from ..engine.inference import kept_cpu_memory
     from ..engine.pipeline import load_network
 
-    with reuse_freed_cpu_memory():
+    with kept_cpu_memory(runner.job.options.low_memory):
         for case in todo:
             if cancel is not None and cancel():
                 raise CancelledError("Batch cancelled.")
@@ -503,7 +504,8 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
     """
     import torch
 
-    from ..engine.devices import resolve_device, reuse_freed_cpu_memory
+    from ..engine.devices import resolve_device
+    from ..engine.inference import kept_cpu_memory
     from ..engine.pipeline import load_network
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -521,7 +523,7 @@ def _worker_main(index: int, device: str, threads: int, job: _Job, tasks: MPQueu
     except SegMambaError as exc:
         results.put(("fatal", index, f"{device}: {exc}"))
         return
-    with reuse_freed_cpu_memory():  # for the whole cohort, as in _run_here
+    with kept_cpu_memory(options.low_memory):  # for the whole cohort, as in _run_here
         for case in iter(tasks.get, None):
             if orphaned():
                 return

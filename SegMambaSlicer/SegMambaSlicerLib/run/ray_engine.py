@@ -392,7 +392,8 @@ class CaseActor:
                  fault_hook: Callable[[str, CancelCallback], None] | None) -> None:
         import torch
 
-        from ..engine.devices import resolve_device, reuse_freed_cpu_memory
+        from ..engine.devices import resolve_device
+        from ..engine.inference import kept_cpu_memory
         from ..engine.pipeline import load_network
 
         torch.set_num_threads(plan.threads)
@@ -403,7 +404,7 @@ class CaseActor:
         self.state: tuple[str, float, str] = ("", 0.0, "")
         self.fatal = ""
         self.memory = contextlib.ExitStack()  # kept for the actor's life: as the local engine does per cohort
-        self.memory.enter_context(reuse_freed_cpu_memory())
+        self.memory.enter_context(kept_cpu_memory(self.job.options.low_memory))
         self.network: nn.Module | None = None
         try:
             options = self.job.options
