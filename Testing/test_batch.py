@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import queue
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -392,3 +393,58 @@ def test_batch_writes_confidence_maps_and_dicom_segs_per_case_and_redoes_cases_m
     assert (out / "Study-2_confidence.nii.gz").is_file() and (out / "Study-1.nii.gz").stat().st_mtime_ns == stamp
     with open(out / "summary.csv", newline="", encoding="utf-8") as fh:
         assert {r["case"]: r["status"] for r in csv.DictReader(fh)} == {"Study-1": SKIPPED, "Study-2": DONE}
+
+
+# ------------------------------------------------------------------ the estimate before a batch
+
+
+def _summary_rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["case"]: r for r in csv.DictReader(fh)}
+
+
+def test_the_batch_command_estimates_its_first_case_and_runs_on_the_network_it_loaded(
+        cohort, card_path, tmp_path, home, capsys, monkeypatch) -> None:
+    """As predict does before its case: the estimate (measuring this computer once) for the first case to
+    segment, the cohort's time, and one network loaded for the estimate and the whole batch."""
+    from SegMambaSlicerLib.cli import main
+    from SegMambaSlicerLib.engine import pipeline
+
+    real_load, loads = pipeline.load_network, []
+    monkeypatch.setattr(pipeline, "load_network", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "out"
+    argv = ["batch", str(cohort), str(out), "-m", str(card_path), "--device", "cpu", "--quiet"]
+    assert main(argv) == 1  # Case-C's T1c is not an image
+    text = capsys.readouterr().out
+    assert f"3 cases to segment; the estimate is for {GOOD[0]}" in text
+    assert text.count("measuring how fast this computer runs this model") == 1 and len(loads) == 1
+    estimated = re.search(r"^estimate: (\d+) windows?, ~", text, re.MULTILINE)
+    assert estimated is not None and "all 3 cases: ~" in text
+    assert text.index("estimate: ") < text.index(f"{GOOD[0]}: done")
+    assert int(_summary_rows(out / "summary.csv")[GOOD[0]]["windows"]) == int(estimated.group(1))
+
+    assert main(argv) == 1  # left: only the unreadable case, so no estimate
+    text = capsys.readouterr().out
+    assert "estimate: " not in text and "to segment" not in text and "2 skipped (already done), 1 failed" in text
+
+
+def test_the_batch_command_stops_before_any_case_when_memory_is_clearly_short_unless_forced(
+        cohort, card_path, tmp_path, home, capsys) -> None:
+    import torch
+    from SegMambaSlicerLib.cli import main
+    from SegMambaSlicerLib.engine import rates
+
+    key = rates.run_key(load_card(card_path), CPU, torch.device("cpu"))
+    rates.remember_rate(key, rates.Rate(seconds_per_window=0.1, window_bytes=2**50, window_bytes_exact=True,
+                                        weights_bytes=2**20, runtime_bytes=2**28))
+    out = tmp_path / "out"
+    argv = ["batch", str(cohort), str(out), "-m", str(card_path), "--device", "cpu", "--quiet"]
+    assert main(argv) == 1
+    refused = capsys.readouterr()
+    errors = [line for line in refused.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--low-memory" in errors[0] and "--force" in errors[0]
+    assert not out.exists() or not list(out.iterdir())  # nothing segmented, no summary
+    assert main([*argv, "--force"]) == 1  # runs; Case-C fails as it would
+    forced = capsys.readouterr()
+    assert "Running anyway (--force)" in forced.err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{case_id}.nii.gz" for case_id in GOOD]

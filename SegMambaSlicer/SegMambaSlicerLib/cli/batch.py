@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..run.batch import DONE, ENGINES, FAILED, SKIPPED, CaseResult, check_batch_outputs, segment_folder
+from ..run.batch import (
+    DONE,
+    ENGINES,
+    FAILED,
+    SKIPPED,
+    CaseResult,
+    check_batch_outputs,
+    output_path,
+    segment_folder,
+)
 from .common import add_run_options, progress_bar, segment_options
+from .predict import add_force_option, preflight
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..engine.pipeline import SegmentOptions
+    from ..models.cards import ModelCard
+
+#: Cases tried, in order, for the estimate before a batch (a cohort may begin with unreadable ones).
+ESTIMATE_TRIES = 3
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "this computer reads every case, sends its images to the actors and writes the outputs "
                    "they send back (the model must still load on every node; docs/scale.md)")
     add_run_options(p)
+    add_force_option(p)
     p.set_defaults(func=run)
     return p
 
@@ -49,7 +71,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Run ``batch``: one line per case, failures listed at the end; exit 1 if any case failed."""
     check_batch_outputs(args.output_dir, args.summary)  # within a second, before PyTorch is imported
+    from ..models.registry import resolve_model
+
+    card = resolve_model(args.model)
     options = segment_options(args)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    network = None
+    if args.engine == "local" and len(devices or ()) <= 1:  # this process runs the cases: estimate them here
+        if devices:
+            options = dataclasses.replace(options, device=devices[0])
+        network = estimate_first_case(args, card, options)
     progress = progress_bar(args)
 
     def print_case(result: CaseResult) -> None:
@@ -64,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  warning: {warning}", file=stream)
 
     result = segment_folder(
-        args.input_dir, args.output_dir, args.model, options, pattern=args.pattern, overwrite=args.overwrite,
-        preview=args.preview, devices=args.devices.split(",") if args.devices else None,
+        args.input_dir, args.output_dir, card, options, pattern=args.pattern, overwrite=args.overwrite,
+        preview=args.preview, devices=devices, network=network,
         summary_csv=args.summary, progress=progress, on_case=print_case, engine=args.engine,
         address=args.address, confidence=args.confidence, dicom_seg=args.dicom_seg, ship_inputs=args.ship_inputs,
     )
@@ -75,3 +106,34 @@ def run(args: argparse.Namespace) -> int:
     for case in result.failed:
         print(f"FAILED {case.case_id}: {case.error}")
     return 0 if result.ok else 1
+
+
+def estimate_first_case(args: argparse.Namespace, card: ModelCard, options: SegmentOptions) -> nn.Module | None:
+    """Print the estimate of the first case still to segment and load the network for the batch.
+
+    What ``predict`` does before its case (:func:`.predict.preflight`: measuring this computer once per model
+    and device, refusing a run that clearly does not fit in the free memory unless ``--force``), on the
+    first case the batch will segment, with the cohort's time if the other cases are like it. Returns the
+    loaded network, which the batch then uses; None when no case is left to segment or none of the first
+    :data:`ESTIMATE_TRIES` can be read (the batch then reports them as it would).
+    """
+    from ..engine.estimate import format_duration
+    from ..errors import SegMambaError
+    from ..io.images import read_image
+    from ..run.cases import discover_cases
+
+    out = Path(args.output_dir).expanduser()
+    cases = [c for c in discover_cases(args.input_dir, card, args.pattern, skip=out) if not c.problem]
+    todo = cases if args.overwrite else [c for c in cases if not output_path(out, c.case_id).exists()]
+    for case in todo[:ESTIMATE_TRIES]:
+        try:
+            images = [read_image(path, name=channel.display_name) for path, channel in zip(case.inputs, card.channels)]
+        except SegMambaError:
+            continue
+        print(f"{len(todo)} case{'s' if len(todo) != 1 else ''} to segment; the estimate is for {case.case_id}")
+        plan = preflight(images, card, options, force=args.force)
+        if plan.estimate.seconds is not None and len(todo) > 1:
+            total = format_duration(plan.estimate.seconds * len(todo))
+            print(f"all {len(todo)} cases: ~{total} if they are like {case.case_id}", flush=True)
+        return plan.network
+    return None
